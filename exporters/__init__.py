@@ -1,0 +1,1 @@
+"""ONNX exporters for both frameworks, the shared metadata and the contract checks."""

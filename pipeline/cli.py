@@ -1,0 +1,48 @@
+"""The `cifar-onnx` command: one click group over every stage.
+
+Each command lives in a light module and imports torch or tensorflow only when it
+runs, so `cifar-onnx classify` starts fast where neither framework is installed.
+"""
+
+import logging
+import sys
+
+import click
+
+from serving.errors import CifarOnnxError
+
+
+class _Group(click.Group):
+    """Report the project's own errors as one line on stderr and exit 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CifarOnnxError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages to stderr.")
+def main(verbose):
+    """Train a CIFAR-10 CNN in PyTorch or Keras, export it to ONNX, verify and serve it."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _register_commands():
+    from pipeline.cli_data import data
+    from pipeline.cli_stages import bench, export, train, verify
+    from serving.cli import classify
+
+    for command in (data, train, export, verify, classify, bench):
+        main.add_command(command)
+
+
+_register_commands()
+if __name__ == "__main__":
+    main()

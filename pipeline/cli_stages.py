@@ -1,0 +1,21 @@
+"""Commands of the stages that are not built yet."""
+
+import click
+
+from serving.errors import CifarOnnxError
+
+
+def _not_implemented(name):
+    @click.command(name=name, context_settings={"ignore_unknown_options": True})
+    @click.argument("arguments", nargs=-1, type=click.UNPROCESSED)
+    def command(arguments):
+        raise CifarOnnxError(f"`cifar-onnx {name}` is not implemented yet")
+
+    command.help = f"Not implemented yet: the {name} stage."
+    return command
+
+
+train = _not_implemented("train")
+export = _not_implemented("export")
+verify = _not_implemented("verify")
+bench = _not_implemented("bench")

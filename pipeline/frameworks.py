@@ -1,0 +1,24 @@
+"""The closed set of training frameworks and the check that one is installed."""
+
+import importlib.util
+
+from pipeline.errors import CifarOnnxError
+
+# framework name -> (module that must import, extra that installs it)
+FRAMEWORKS = {
+    "torch": ("torch", "torch"),
+    "keras": ("tensorflow", "keras"),
+}
+
+
+def require_framework(framework):
+    """Raise CifarOnnxError naming the extra to install when `framework` is missing."""
+    if framework not in FRAMEWORKS:
+        choices = ", ".join(FRAMEWORKS)
+        raise CifarOnnxError(f"unknown framework {framework!r}: expected one of {choices}")
+    module, extra = FRAMEWORKS[framework]
+    if importlib.util.find_spec(module) is None:
+        raise CifarOnnxError(
+            f"framework {framework!r} needs the {module!r} package, which is not installed: "
+            f"run pip install 'cifar-onnx[{extra}]'"
+        )
