@@ -36,7 +36,8 @@ def main(verbose):
 
 def _register_commands():
     from pipeline.cli_data import data
-    from pipeline.cli_stages import bench, export, train, verify
+    from pipeline.cli_export import export
+    from pipeline.cli_stages import bench, train, verify
     from serving.cli import classify
 
     for command in (data, train, export, verify, classify, bench):

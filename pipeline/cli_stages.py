@@ -16,6 +16,5 @@ def _not_implemented(name):
 
 
 train = _not_implemented("train")
-export = _not_implemented("export")
 verify = _not_implemented("verify")
 bench = _not_implemented("bench")

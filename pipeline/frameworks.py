@@ -22,3 +22,17 @@ def require_framework(framework):
             f"framework {framework!r} needs the {module!r} package, which is not installed: "
             f"run pip install 'cifar-onnx[{extra}]'"
         )
+
+
+def import_tensorflow():
+    """Import and return tensorflow with its C++ start-up logging quietened.
+
+    TensorFlow writes oneDNN and CUDA-probe notices to stderr at import; level 2
+    keeps warnings and errors. A value the user set in the environment wins.
+    """
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow
+
+    return tensorflow
