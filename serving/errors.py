@@ -11,3 +11,7 @@ class ImageError(CifarOnnxError):
 
 class ModelContractError(CifarOnnxError):
     """An ONNX file or an input that does not match the contract in `serving.contract`."""
+
+
+class ProviderError(CifarOnnxError):
+    """An execution provider that was requested explicitly but that onnxruntime could not use."""

@@ -2,41 +2,171 @@
 
 This is the one decoding function: the data stage builds the dataset with it and the
 predictor feeds the network with it, so training and serving see identical pixels.
+
+Conversion policy, applied in this order:
+- Files: the first frame of an animated file; JPEGs of at least 4x the target side are
+  decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling through `Image.draft`) as
+  long as both sides stay at least 2 * 32 pixels. Pillow's decompression-bomb guard
+  (`PIL.Image.MAX_IMAGE_PIXELS`) is left as Pillow sets it.
+- EXIF orientation is applied, so the array is upright as a viewer shows it.
+- Modes: RGB as is; grayscale ("L", "1") replicated to three channels; palette ("P")
+  expanded through its palette; alpha ("RGBA", "LA", "PA", a palette or RGB/L image
+  with a transparency key) composited onto white; CMYK and YCbCr through Pillow's
+  conversion. 16-bit integer modes ("I;16", "I;16B", ...) are scaled by 255/65535
+  (value / 257, rounded). 32-bit integer ("I") and float ("F") images have no fixed
+  range, so they are stretched from their own minimum and maximum to 0-255 (a constant
+  image becomes 0, and NaN becomes 0). Nothing is clipped.
+- Size: the largest centred square is cut out and resized to 32x32 with Lanczos
+  resampling (antialiased when shrinking). A 32x32 image is not resampled.
 """
 
 import os
+import struct
+import zlib
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from serving.contract import IMAGE_SIZE
 from serving.errors import ImageError
 
+# Transparent pixels are composited onto white. Images with alpha are mostly web
+# graphics and cut-outs shown on white pages, and white is what a viewer usually draws;
+# dropping alpha instead would expose whatever colour the encoder left under it.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+# A JPEG is decoded at reduced scale only while both sides stay at least this long, so
+# the final Lanczos resize still shrinks by 2x or more from real pixels.
+DRAFT_MIN_SIDE = 2 * IMAGE_SIZE
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
+
+# Errors that Pillow's decoders raise for damaged files, besides OSError; Pillow
+# documents none of them as a complete list, so these are the ones seen in its plugins.
+_DECODE_ERRORS = (
+    OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
+    Image.DecompressionBombError,
+)
+
 
 def load_image(source):
-    """Decode `source` (a path or a Pillow image) to uint8 [32, 32, 3] RGB.
+    """Decode `source` to uint8 [32, 32, 3] RGB following the module's conversion policy.
 
+    `source` is a path (str or os.PathLike), a binary file object, or a Pillow image
+    (not closed here). The returned array may be read-only.
     Raises ImageError naming the file and the reason when it cannot be decoded.
     """
-    # TODO: minimal first version (EXIF, RGB, centre crop, resize); the full mode
-    # policy (16-bit, alpha, CMYK, animation, draft decoding) is still to come.
     if isinstance(source, Image.Image):
         return _to_array(source)
-    path = os.fspath(source)
+    name = _describe_source(source)
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
+            _request_reduced_decoding(image)
             image.load()
             return _to_array(image)
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise ImageError(f"cannot read image {path}: {error}") from error
+    except UnidentifiedImageError as error:
+        raise ImageError(f"cannot read image {name}: {_unidentified_reason(source)}") from error
+    except FileNotFoundError as error:
+        raise ImageError(f"cannot read image {name}: file not found") from error
+    except IsADirectoryError as error:
+        raise ImageError(f"cannot read image {name}: is a directory") from error
+    except PermissionError as error:
+        raise ImageError(f"cannot read image {name}: permission denied") from error
+    except ImageError as error:
+        raise ImageError(f"cannot read image {name}: {error}") from error
+    except Image.DecompressionBombError as error:
+        raise ImageError(
+            f"cannot read image {name}: {error} "
+            "(Pillow's decompression-bomb guard; raise PIL.Image.MAX_IMAGE_PIXELS only for a trusted file)"
+        ) from error
+    except _DECODE_ERRORS as error:
+        raise ImageError(f"cannot read image {name}: {_decode_reason(error)}") from error
+
+
+def _describe_source(source):
+    if isinstance(source, (str, bytes, os.PathLike)):
+        return os.fsdecode(source)
+    return str(getattr(source, "name", "<file object>"))
+
+
+def _unidentified_reason(source):
+    try:
+        if isinstance(source, (str, bytes, os.PathLike)) and os.path.getsize(source) == 0:
+            return "empty file (0 bytes)"
+    except OSError:
+        pass
+    return "not an image format that Pillow can decode"
+
+
+def _decode_reason(error):
+    reason = str(error) or type(error).__name__
+    if "truncated" in reason or isinstance(error, (EOFError, struct.error)):
+        return f"truncated or damaged image data ({reason})"
+    return reason
+
+
+def _request_reduced_decoding(image):
+    # Only JPEG implements draft() with a size; other formats ignore the request.
+    if image.format == "JPEG" and min(image.size) >= 2 * DRAFT_MIN_SIDE:
+        image.draft(image.mode, (DRAFT_MIN_SIDE, DRAFT_MIN_SIDE))
 
 
 def _to_array(image):
-    image = ImageOps.exif_transpose(image).convert("RGB")
-    side = min(image.size)
-    left = (image.width - side) // 2
-    top = (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side))
+    # Frame 0 is the current frame right after opening; a caller's Pillow image keeps
+    # whatever frame it was seeked to.
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    image = _to_rgb(image)
     if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
-    return np.asarray(image, dtype=np.uint8)
+        image = _crop_and_resize(image)
+    return np.asarray(image)
+
+
+def _to_rgb(image):
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image).astype(np.uint32)
+        return _gray_array_to_rgb(((pixels + 128) // 257).astype(np.uint8))
+    if mode in ("I", "F"):
+        return _gray_array_to_rgb(_stretch_to_bytes(np.asarray(image)))
+    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in image.info):
+        return _composite_on_background(image.convert("RGBA"))
+    try:
+        return image.convert("RGB")
+    except ValueError as error:
+        raise ImageError(f"unsupported image mode {mode}: {error}") from error
+
+
+def _gray_array_to_rgb(gray):
+    return Image.fromarray(np.repeat(gray[:, :, np.newaxis], 3, axis=2))
+
+
+def _stretch_to_bytes(pixels):
+    """Map the finite range of `pixels` linearly onto 0-255; constant images and NaN give 0."""
+    values = pixels.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0 or finite.max() == finite.min():
+        return np.zeros(values.shape, dtype=np.uint8)
+    low, high = finite.min(), finite.max()
+    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def _composite_on_background(rgba_image):
+    """Blend RGBA onto ALPHA_BACKGROUND: out = round((c * a + b * (255 - a)) / 255)."""
+    rgba = np.asarray(rgba_image).astype(np.uint32)
+    alpha = rgba[:, :, 3:4]
+    background = np.array(ALPHA_BACKGROUND, dtype=np.uint32)
+    blended = (rgba[:, :, :3] * alpha + background * (255 - alpha) + 127) // 255
+    return Image.fromarray(blended.astype(np.uint8))
+
+
+def _crop_and_resize(image):
+    side = min(image.size)
+    left = (image.width - side) / 2
+    top = (image.height - side) / 2
+    box = (left, top, left + side, top + side)
+    return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS, box=box)
