@@ -122,12 +122,19 @@ def download_cifar10(directory, url=CIFAR10_URL, md5=CIFAR10_MD5, progress=True,
                            urls={CIFAR10_ARCHIVE: url}, retry_if_failed=retries)
     bar = Progress(0, f"downloading {CIFAR10_ARCHIVE}", unit="B", enabled=progress)
     downloader = pooch.HTTPDownloader(progressbar=bar, chunk_size=1 << 20, timeout=30)
+    # pooch logs its start and retry lines to its own stderr handler, outside the
+    # CLI's logging setup, so only its warnings are kept.
+    pooch.get_logger().setLevel(logging.WARNING)
+    log.debug("fetching %s from %s into %s", CIFAR10_ARCHIVE, url, directory)
     try:
         return Path(fetcher.fetch(CIFAR10_ARCHIVE, downloader=downloader))
     except ValueError as error:
         # pooch's message: "... expected md5:<hex> but got <hex>. Deleted download ..."
         match = re.search(r"but got ([0-9a-fA-F]+)", str(error))
-        actual = match.group(1) if match else "unknown"
+        if match is None:
+            raise DataError(f"cannot download {url}: {_one_line(error)}; check the URL "
+                            f"({URL_ENV}) {_FIX_LOCAL}") from error
+        actual = match.group(1)
         raise DataError(f"MD5 mismatch for {CIFAR10_ARCHIVE} downloaded from {url}: expected "
                         f"{md5}, got {actual}; the download was deleted. Retry, or download it "
                         f"yourself, check its MD5 and pass --data /path/to/{CIFAR10_ARCHIVE}") from error
@@ -316,7 +323,7 @@ def _build_tarball(path, progress, workers):
     # Members are read into memory in archive order (one pass over the gzip stream)
     # and decoded from bytes, so nothing is extracted to disk. Measured on the shared
     # 60,000-JPEG tarball: about 2 s to read, against 2 s more for a separate listing pass.
-    log.info("reading %s", path)
+    log.debug("reading %s", path)
     files = {}
     folders = set()
     try:

@@ -1,7 +1,8 @@
 """A small progress line with rate and ETA on stderr, for long data and training loops.
 
 On a terminal the line is redrawn in place; otherwise (CI logs, pipes) it prints a
-plain line at each quarter of the work and one at the end.
+plain line at each quarter of the work and one at the end. Work that ends within
+`delay` seconds prints nothing, so quick runs and early errors stay quiet.
 """
 
 import sys
@@ -17,20 +18,25 @@ class Progress:
     `update`, `reset` and `close`.
     """
 
-    def __init__(self, total, desc, unit="items", stream=None, enabled=True):
+    def __init__(self, total, desc, unit="items", stream=None, enabled=True, delay=1.0):
         self.total = total
         self.desc = desc
         self.unit = unit
         self.stream = sys.stderr if stream is None else stream
         self.enabled = enabled
+        self.delay = delay  # seconds of silence before the first line
         self.is_tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = time.monotonic()
+        self._printed = False
+        self._last_draw = 0.0
         self.reset()
 
     def reset(self):
-        """Start counting again from zero (pooch calls this before its final update)."""
+        """Set the count back to zero; the clock keeps running.
+
+        pooch calls this before its final update, and again before a retry.
+        """
         self.count = 0
-        self.start = time.monotonic()
-        self._last_draw = 0.0
         self._last_quarter = 0
         self._closed = False
 
@@ -39,28 +45,34 @@ class Progress:
         self.count += n
         if not self.enabled or self._closed:
             return
+        now = time.monotonic()
+        if now - self.start < self.delay:
+            return
         if self.is_tty:
-            now = time.monotonic()
             if now - self._last_draw >= _REDRAW_INTERVAL:
                 self._last_draw = now
-                self.stream.write("\r" + self._line())
-                self.stream.flush()
+                self._write("\r" + self._line())
         elif self.total:
             quarter = min(4, 4 * self.count // self.total)
             if quarter > self._last_quarter and quarter < 4:
                 self._last_quarter = quarter
-                self.stream.write(self._line() + "\n")
-                self.stream.flush()
+                self._write(self._line() + "\n")
 
     def close(self):
-        """Print the final line; calling it again does nothing."""
+        """Print the final line unless the work ended within `delay`; a second call does nothing."""
         if self._closed:
             return
         self._closed = True
         if not self.enabled:
             return
+        if not self._printed and time.monotonic() - self.start < self.delay:
+            return
         prefix = "\r" if self.is_tty else ""
-        self.stream.write(prefix + self._line(final=True) + "\n")
+        self._write(prefix + self._line(final=True) + "\n")
+
+    def _write(self, text):
+        self._printed = True
+        self.stream.write(text)
         self.stream.flush()
 
     def _line(self, final=False):
