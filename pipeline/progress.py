@@ -1,6 +1,6 @@
 """A small progress line with rate and ETA on stderr, for long data and training loops.
 
-On a terminal the line is redrawn in place; otherwise (CI logs, pipes) it prints a
+On a terminal the line is redrawn in place. Elsewhere (CI logs, pipes) it prints a
 plain line at each quarter of the work and one at the end. Work that ends within
 `delay` seconds prints nothing, so quick runs and early errors stay quiet.
 """
