@@ -13,13 +13,13 @@ import click
 @click.option("--out", default="artifacts", show_default=True, type=click.Path(file_okay=False),
               help="Artifact folder; the cache goes to OUT/data/cache/.")
 def data(source, out):
-    """Build the cached dataset from SOURCE, or reuse it while the source is unchanged.
+    """Build the cached dataset from the --data source, or reuse it while the source is unchanged.
 
     Prints the source, the image counts per split and class, the fingerprint and the
     cache path. The download URL of 'cifar10' can be overridden with the environment
     variable CIFAR_ONNX_CIFAR10_URL.
 
-    Example: cifar-onnx data --data ../shared/datasets/cifar10-jpeg.tar.gz
+    Example: cifar-onnx data --data ~/datasets/cifar10-jpeg.tar.gz --out artifacts
     """
     from pipeline.data import CIFAR10_URL, URL_ENV, load_dataset
 

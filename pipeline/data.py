@@ -211,16 +211,17 @@ def _read_cache(cache_path, key, source):
 def _write_cache(cache_path, key, arrays, class_names, fingerprint):
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     train_images, train_labels, test_images, test_labels = arrays
-    descriptor, temporary = tempfile.mkstemp(dir=cache_path.parent, prefix=cache_path.stem, suffix=".tmp")
+    # A per-process name, opened with open() so that the file mode follows the umask.
+    temporary = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(descriptor, "wb") as file:
+        with open(temporary, "wb") as file:
             np.savez(file, format=np.int64(_CACHE_FORMAT), source_key=np.str_(key),
                      fingerprint=np.str_(fingerprint), class_names=np.array(class_names, dtype=str),
                      train_images=train_images, train_labels=train_labels,
                      test_images=test_images, test_labels=test_labels)
         os.replace(temporary, cache_path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 

@@ -18,7 +18,7 @@ def shared_tarball():
 
 @pytest.fixture(scope="session")
 def cifar_cache_dir(shared_tarball, tmp_path_factory):
-    """Out folder holding the decoded shared dataset, built once per session.
+    """Out folder containing the decoded shared dataset, built once per session.
 
     Pass it as `out` with the shared tarball as source: `load_dataset` then reuses the cache.
     """
