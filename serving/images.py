@@ -16,8 +16,9 @@ Conversion policy, applied in this order:
   (value / 257, rounded). 32-bit integer ("I") and float ("F") images have no fixed
   range, so they are stretched from their own minimum and maximum to 0-255 (a constant
   image becomes 0, and NaN becomes 0). Nothing is clipped.
-- Size: the largest centred square is cut out and resized to 32x32 with Lanczos
-  resampling (antialiased when shrinking). A 32x32 image is not resampled.
+- Size: the largest centred square is cut out (rounding its offset down) and resized
+  to 32x32 with Lanczos resampling (antialiased when shrinking). A 32x32 image is not
+  resampled.
 """
 
 import os
@@ -55,7 +56,8 @@ def load_image(source):
 
     `source` is a path (str or os.PathLike), a binary file object, or a Pillow image
     (not closed here). The returned array may be read-only.
-    Raises ImageError naming the file and the reason when it cannot be decoded.
+    Raises ImageError naming the file and the reason when it cannot be decoded; the
+    error's `path` and `reason` attributes hold the two parts of the message.
     """
     if isinstance(source, Image.Image):
         return _to_array(source)
@@ -66,22 +68,28 @@ def load_image(source):
             image.load()
             return _to_array(image)
     except UnidentifiedImageError as error:
-        raise ImageError(f"cannot read image {name}: {_unidentified_reason(source)}") from error
+        raise _image_error(name, _unidentified_reason(source)) from error
     except FileNotFoundError as error:
-        raise ImageError(f"cannot read image {name}: file not found") from error
+        raise _image_error(name, "file not found") from error
     except IsADirectoryError as error:
-        raise ImageError(f"cannot read image {name}: is a directory") from error
+        raise _image_error(name, "is a directory") from error
     except PermissionError as error:
-        raise ImageError(f"cannot read image {name}: permission denied") from error
+        raise _image_error(name, "permission denied") from error
     except ImageError as error:
-        raise ImageError(f"cannot read image {name}: {error}") from error
+        raise _image_error(name, str(error)) from error
     except Image.DecompressionBombError as error:
-        raise ImageError(
-            f"cannot read image {name}: {error} "
-            "(Pillow's decompression-bomb guard; raise PIL.Image.MAX_IMAGE_PIXELS only for a trusted file)"
-        ) from error
+        reason = f"{error} (Pillow's decompression-bomb guard; raise PIL.Image.MAX_IMAGE_PIXELS only for a trusted file)"
+        raise _image_error(name, reason) from error
     except _DECODE_ERRORS as error:
-        raise ImageError(f"cannot read image {name}: {_decode_reason(error)}") from error
+        raise _image_error(name, _decode_reason(error)) from error
+
+
+def _image_error(name, reason):
+    """Return an ImageError whose `path` and `reason` attributes hold the two parts of its message."""
+    error = ImageError(f"cannot read image {name}: {reason}")
+    error.path = name
+    error.reason = reason
+    return error
 
 
 def _describe_source(source):
@@ -101,7 +109,7 @@ def _unidentified_reason(source):
 
 def _decode_reason(error):
     reason = str(error) or type(error).__name__
-    if "truncated" in reason or isinstance(error, (EOFError, struct.error)):
+    if isinstance(error, (EOFError, struct.error)):
         return f"truncated or damaged image data ({reason})"
     return reason
 
@@ -165,8 +173,11 @@ def _composite_on_background(rgba_image):
 
 
 def _crop_and_resize(image):
+    # crop() first: resize(box=...) would let the filter read pixels outside the square.
     side = min(image.size)
-    left = (image.width - side) / 2
-    top = (image.height - side) / 2
-    box = (left, top, left + side, top + side)
-    return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS, box=box)
+    left = (image.width - side) // 2
+    top = (image.height - side) // 2
+    square = image.crop((left, top, left + side, top + side))
+    if side == IMAGE_SIZE:
+        return square
+    return square.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
