@@ -361,7 +361,8 @@ def _build_tarball(path, progress, workers):
         parts = relative.parts
         if len(parts) == 3 and parts[0] in splits and parts[1] in splits[parts[0]] and _is_image_name(parts[2]):
             splits[parts[0]][parts[1]].append((f"{path}:{name}", files[name]))
-    class_names = _check_classes(splits, f"{path}:{root}")
+    display = path if root == PurePosixPath(".") else f"{path}:{root}"
+    class_names = _check_classes(splits, display)
     return _decode_splits(splits, class_names, progress, workers, _decode_blobs), class_names
 
 
