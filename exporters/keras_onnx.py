@@ -42,7 +42,11 @@ def convert_model(model, opset, training=False):
 
     @tf.function(input_signature=signature)
     def serve(images):
-        logits, probabilities = keras_model.inference(model, images, training=training)
+        if training:
+            logits = model(keras_model.preprocess(images), training=True)
+            probabilities = tf.nn.softmax(logits, axis=-1)
+        else:
+            logits, probabilities = keras_model.inference(model, images)
         return {LOGITS_NAME: logits, PROBABILITIES_NAME: probabilities}
 
     try:

@@ -33,8 +33,11 @@ def runtime_supports_opset(opset):
     tensor = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
     output = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
     graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "probe", [tensor], [output])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
-    model.ir_version = min(model.ir_version, onnx.IR_VERSION)
+    opset_imports = [onnx.helper.make_opsetid("", opset)]
+    model = onnx.helper.make_model(graph, opset_imports=opset_imports)
+    # The lowest IR version that can state this opset, as exporters write it: the
+    # onnx package's own default IR version may be newer than onnxruntime reads.
+    model.ir_version = onnx.helper.find_min_ir_version_for(opset_imports)
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 4
     try:

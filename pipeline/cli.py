@@ -27,17 +27,19 @@ class _Group(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages to stderr.")
 def main(verbose):
     """Train a CIFAR-10 CNN in PyTorch or Keras, export it to ONNX, verify and serve it."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        stream=sys.stderr,
-    )
+    # Our packages log at INFO; the libraries underneath (onnxscript's optimizer,
+    # tf2onnx) only from WARNING, or their chatter buries the progress lines.
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+                        stream=sys.stderr)
+    for package in ("pipeline", "exporters", "serving"):
+        logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _register_commands():
     from pipeline.cli_data import data
     from pipeline.cli_export import export
-    from pipeline.cli_stages import bench, train, verify
+    from pipeline.cli_stages import bench, train
+    from pipeline.cli_verify import verify
     from serving.cli import classify
 
     for command in (data, train, export, verify, classify, bench):

@@ -67,7 +67,9 @@ def summarize_export(path, checks):
               help="ONNX opset to write; the default is the highest the whole chain supports.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Checkpoint to export instead of the one under OUT.")
-def export(framework, out, opset, checkpoint):
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="ONNX file to write instead of OUT/<framework>/model.onnx.")
+def export(framework, out, opset, checkpoint, output):
     """Export a trained checkpoint to the ONNX contract.
 
     PyTorch goes through torch.onnx (dynamo), Keras through tf2onnx. The file is
@@ -80,7 +82,7 @@ def export(framework, out, opset, checkpoint):
     if not source.exists():
         raise ExportError(f"no checkpoint at {source}: run `cifar-onnx train --framework {framework} "
                           f"--out {out}` first")
-    path = export_path(out, framework)
+    path = Path(output) if output else export_path(out, framework)
     checks = run_export(framework, source, path, opset)
     for line in summarize_export(path, checks):
         click.echo(line)

@@ -16,5 +16,4 @@ def _not_implemented(name):
 
 
 train = _not_implemented("train")
-verify = _not_implemented("verify")
 bench = _not_implemented("bench")
