@@ -116,7 +116,7 @@ def _check_output_path(output, force):
 def _open_output(output, force):
     """Yield stdout, or a temporary file next to `output` that replaces it only on success."""
     if output is None:
-        yield click.get_text_stream("stdout")
+        yield sys.stdout
         return
     directory, name = os.path.split(os.path.abspath(output))
     temporary = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")

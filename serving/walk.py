@@ -1,7 +1,8 @@
 """Collect the image files that `cifar-onnx classify` was given, in sorted path order.
 
-Folders are walked (recursively by default) following symbolic links, with every
-folder entered once so a link loop ends the walk instead of repeating it.
+Folders are walked (recursively by default) following symbolic links. Every folder
+is entered once, under the first path that reaches it in sorted order, so a link loop
+ends the walk instead of repeating it.
 """
 
 import dataclasses
@@ -23,7 +24,7 @@ class CollectedPaths:
     images: list  # Paths, sorted by their components, without duplicates
     unreadable: dict  # Path -> reason, for folders that could not be listed and explicit non-files
     skipped_hidden: int = 0  # names starting with "." inside a folder (a hidden folder counts once)
-    skipped_other: int = 0  # other extensions, special files, and subfolders with recursive=False
+    skipped_other: int = 0  # other extensions, special files, folders reached again, subfolders when not recursive
 
     @property
     def skipped(self):
@@ -61,6 +62,7 @@ def _walk_folder(folder, recursive, collected, found, visited_folders):
         return
     key = (folder_stat.st_dev, folder_stat.st_ino)
     if key in visited_folders:
+        collected.skipped_other += 1  # a link loop, or a folder reached twice
         return
     visited_folders.add(key)
 
