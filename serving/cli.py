@@ -138,11 +138,11 @@ def _move_into_place(temporary, output, force):
     try:
         os.link(temporary, output)
     except FileExistsError as error:
-        raise click.ClickException(f"{output} was created by someone else while classifying; nothing written") from error
+        raise click.ClickException(f"{output} appeared while classifying, so nothing was written; rerun with --force to overwrite it") from error
     except OSError:
         # Filesystems without hard links: the window between the check and the rename is small.
         if os.path.exists(output):
-            raise click.ClickException(f"{output} was created by someone else while classifying; nothing written")
+            raise click.ClickException(f"{output} appeared while classifying, so nothing was written; rerun with --force to overwrite it")
         os.replace(temporary, output)
 
 

@@ -4,18 +4,19 @@ This is the one decoding function: the data stage builds the dataset with it and
 predictor feeds the network with it, so training and serving see identical pixels.
 
 Conversion policy, applied in this order:
-- Files: the first frame of an animated file; JPEGs of at least 4x the target side are
-  decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling through `Image.draft`) as
-  long as both sides stay at least 2 * 32 pixels. Pillow's decompression-bomb guard
-  (`PIL.Image.MAX_IMAGE_PIXELS`) is left as Pillow sets it.
+- Files: an animated file gives its first frame. A JPEG whose shorter side is at least
+  4 * 32 pixels is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling through
+  `Image.draft`), choosing the smallest scale that keeps both sides at least 2 * 32.
+  Pillow's decompression-bomb guard (`PIL.Image.MAX_IMAGE_PIXELS`) stays as Pillow sets it.
 - EXIF orientation is applied, so the array is upright as a viewer shows it.
-- Modes: RGB as is; grayscale ("L", "1") replicated to three channels; palette ("P")
-  expanded through its palette; alpha ("RGBA", "LA", "PA", a palette or RGB/L image
-  with a transparency key) composited onto white; CMYK and YCbCr through Pillow's
-  conversion. 16-bit integer modes ("I;16", "I;16B", ...) are scaled by 255/65535
+- Modes: RGB is kept. Grayscale ("L", "1") is replicated to three channels, and a
+  palette ("P") is expanded. Alpha ("RGBA", "LA", "PA", or a transparency key on a
+  "P", "L" or "RGB" image) is composited onto white. CMYK, YCbCr and other modes go
+  through Pillow's convert("RGB").
+- Bit depth: 16-bit integer modes ("I;16", "I;16B", ...) are scaled by 255/65535
   (value / 257, rounded). 32-bit integer ("I") and float ("F") images have no fixed
-  range, so they are stretched from their own minimum and maximum to 0-255 (a constant
-  image becomes 0, and NaN becomes 0). Nothing is clipped.
+  range, so their own minimum and maximum are stretched to 0 and 255. A constant image
+  becomes 0, and so does NaN. Nothing is clipped.
 - Size: the largest centred square is cut out (rounding its offset down) and resized
   to 32x32 with Lanczos resampling (antialiased when shrinking). A 32x32 image is not
   resampled.
@@ -31,9 +32,9 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from serving.contract import IMAGE_SIZE
 from serving.errors import ImageError
 
-# Transparent pixels are composited onto white. Images with alpha are mostly web
-# graphics and cut-outs shown on white pages, and white is what a viewer usually draws;
-# dropping alpha instead would expose whatever colour the encoder left under it.
+# Transparent pixels are composited onto white, because images with alpha are mostly
+# web graphics and cut-outs meant for white pages. Dropping alpha instead would expose
+# whatever colour the encoder left under transparent pixels.
 ALPHA_BACKGROUND = (255, 255, 255)
 
 # A JPEG is decoded at reduced scale only while both sides stay at least this long, so
@@ -56,8 +57,8 @@ def load_image(source):
 
     `source` is a path (str or os.PathLike), a binary file object, or a Pillow image
     (not closed here). The returned array may be read-only.
-    Raises ImageError naming the file and the reason when it cannot be decoded; the
-    error's `path` and `reason` attributes hold the two parts of the message.
+    Raises ImageError naming the file and the reason when it cannot be decoded. The
+    error's `path` and `reason` attributes contain the two parts of the message.
     """
     if isinstance(source, Image.Image):
         return _to_array(source)
@@ -85,7 +86,7 @@ def load_image(source):
 
 
 def _image_error(name, reason):
-    """Return an ImageError whose `path` and `reason` attributes hold the two parts of its message."""
+    """Return an ImageError whose `path` and `reason` attributes contain the two parts of its message."""
     error = ImageError(f"cannot read image {name}: {reason}")
     error.path = name
     error.reason = reason

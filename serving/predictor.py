@@ -136,8 +136,8 @@ class Predictor:
 
         Raises ModelContractError "expected uint8 [N,32,32,3], got float64 [32,32]" otherwise.
         """
-        given = np.asarray(batch)
-        batch = given[np.newaxis] if given.ndim == len(self._input_dims) - 1 else given
+        array = np.asarray(batch)
+        batch = array[np.newaxis] if array.ndim == len(self._input_dims) - 1 else array
         matches = (
             batch.dtype == self._input_dtype
             and batch.ndim == len(self._input_dims)
@@ -145,7 +145,7 @@ class Predictor:
         )
         if not matches:
             raise ModelContractError(
-                f"expected {self.expected_input}, got {given.dtype.name} [{','.join(map(str, given.shape))}]; "
+                f"expected {self.expected_input}, got {array.dtype.name} [{','.join(map(str, array.shape))}]; "
                 "pass paths or Pillow images, or decode with serving.load_image"
             )
         return np.ascontiguousarray(batch)
@@ -243,8 +243,8 @@ def parse_metadata(properties, model_path="model"):
 
     Every key of `contract.REQUIRED_METADATA` and `contract.IMAGE_METADATA` must be
     present, the image keys with their exact values. class_names becomes a list of
-    str, opset an int, test_accuracy a float or None (never evaluated); the other
-    values stay str, and keys outside the contract are kept as they are.
+    str, opset an int, and test_accuracy a float, or None for a model never evaluated.
+    Other values stay str, and keys outside the contract are kept.
     Raises ModelContractError naming every missing or malformed key.
     """
     properties = dict(properties)

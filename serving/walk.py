@@ -35,8 +35,8 @@ class CollectedPaths:
 def collect_image_paths(paths, recursive=True):
     """Return the image files named by `paths` (files and folders) as CollectedPaths.
 
-    A file named directly is always collected, whatever its name, so it gets a row;
-    inside folders only regular files with an IMAGE_EXTENSIONS suffix are.
+    A file named directly is always collected, whatever its name, so it gets a row.
+    Inside folders, only regular files with an IMAGE_EXTENSIONS suffix are collected.
     """
     collected = CollectedPaths(images=[], unreadable={})
     found = set()

@@ -1,8 +1,8 @@
 """Small contract-conforming ONNX models built with onnx.helper, for tests.
 
 The colour probe maps the mean red, green and blue of an image to 10 logits with a
-fixed linear map, so tests know the label of a generated image without training:
-pure red is class 0, pure green class 1, pure blue class 2, white class 3, black class 4.
+fixed linear map, so tests know the label of a generated image without training.
+Pure red is class 0, pure green class 1, pure blue class 2, white class 3 and black class 4.
 """
 
 import json

@@ -241,7 +241,7 @@ def test_missing_file_and_folder_raise_image_error(tmp_path):
 
 
 def test_decompression_bomb_guard_is_kept(tmp_path, monkeypatch):
-    # Lowering the limit stands in for a huge image: 32x32 is more than twice 100 pixels.
+    # A lowered limit replaces a huge image, because 32x32 is more than twice 100 pixels.
     solid(RED).save(tmp_path / "bomb.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(ImageError) as caught:
