@@ -46,7 +46,7 @@ export: setup  ## Export the trained FRAMEWORK checkpoints to ONNX.
 	done
 
 verify: setup  ## Check every export against its framework and the frameworks against each other.
-	$(BIN)/cifar-onnx verify --data $(DATA) --out $(OUT)
+	$(BIN)/cifar-onnx verify --framework $(FRAMEWORK) --data $(DATA) --out $(OUT)
 
 classify: setup  ## Classify the images in IMAGES with the FRAMEWORK export (first one when both).
 	$(BIN)/cifar-onnx classify $(IMAGES) --model $(OUT)/$(firstword $(FRAMEWORKS))/model.onnx

@@ -7,8 +7,10 @@ import json
 from serving.contract import (
     IMAGE_METADATA, META_ARCHITECTURE, META_CHECKPOINT_SHA256, META_CLASS_NAMES, META_CREATED,
     META_DATASET_FINGERPRINT, META_EXPORTER, META_EXPORTER_VERSION, META_FRAMEWORK,
-    META_FRAMEWORK_VERSION, META_OPSET, META_TEST_ACCURACY,
+    META_FRAMEWORK_VERSION, META_OPSET, META_TEST_ACCURACY, META_TEST_ACCURACY_SCOPE,
 )
+
+FULL_TEST_SPLIT = "full test split"
 
 
 def sha256_file(path):
@@ -28,6 +30,9 @@ def build_metadata(*, info, framework, framework_version, exporter, exporter_ver
     dataset_fingerprint and test_accuracy (None when the model was never evaluated).
     """
     test_accuracy = info.get("test_accuracy")
+    # A --limit run evaluates a seeded subset of the test split; verify compares its
+    # own full-split accuracy with the recorded one only when the scopes match.
+    limit = (info.get("recipe") or {}).get("limit")
     metadata = {
         META_CLASS_NAMES: json.dumps(list(info["class_names"])),
         META_ARCHITECTURE: str(info["architecture"]),
@@ -38,6 +43,7 @@ def build_metadata(*, info, framework, framework_version, exporter, exporter_ver
         META_OPSET: str(int(opset)),
         META_DATASET_FINGERPRINT: str(info.get("dataset_fingerprint", "")),
         META_TEST_ACCURACY: json.dumps(None if test_accuracy is None else float(test_accuracy)),
+        META_TEST_ACCURACY_SCOPE: FULL_TEST_SPLIT if not limit else f"subset of at most {int(limit)} test images",
         META_CHECKPOINT_SHA256: sha256_file(checkpoint_path),
         META_CREATED: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -15,5 +15,4 @@ def _not_implemented(name):
     return command
 
 
-train = _not_implemented("train")
 bench = _not_implemented("bench")

@@ -2,10 +2,14 @@
 
 import click
 
+from pipeline.frameworks import FRAMEWORKS
 from pipeline.verify import DEFAULT_ATOL, DEFAULT_RTOL
 
 
 @click.command()
+@click.option("--framework", type=click.Choice([*FRAMEWORKS, "both"]), default="both", show_default=True,
+              help="Whose export to check and whose weights to move into the other build; "
+                   "both means every framework with a checkpoint and an export under OUT.")
 @click.option("--data", default="cifar10", show_default=True,
               help="Dataset source the models were trained on: cifar10, or a folder / .tar / .tar.gz.")
 @click.option("--out", default="artifacts", show_default=True, type=click.Path(file_okay=False),
@@ -16,7 +20,7 @@ from pipeline.verify import DEFAULT_ATOL, DEFAULT_RTOL
               help="Relative tolerance (fraction of |reference|) for framework vs export.")
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="Compare only the first N test images  [default: the whole test split]")
-def verify(data, out, atol, rtol, samples):
+def verify(framework, data, out, atol, rtol, samples):
     """Prove each export computes what its framework computes, and that the frameworks agree.
 
     For each framework with a checkpoint and an export under OUT: the framework model
@@ -29,7 +33,8 @@ def verify(data, out, atol, rtol, samples):
     from pipeline.errors import VerificationError
     from pipeline.verify import run_verify, write_report
 
-    report = run_verify(data, out, atol=atol, rtol=rtol, samples=samples)
+    frameworks = None if framework == "both" else [framework]
+    report = run_verify(data, out, frameworks=frameworks, atol=atol, rtol=rtol, samples=samples)
     for check in report.checks:
         click.echo(check.line())
     json_path, markdown_path = write_report(report, out)

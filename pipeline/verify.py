@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.metadata import sha256_file
+from exporters.metadata import FULL_TEST_SPLIT, sha256_file
 from pipeline.compare import compare_outputs
 from pipeline.frameworks import FRAMEWORKS
 from serving.contract import (
-    CHANNELS, IMAGE_SIZE, INPUT_NAME, META_CHECKPOINT_SHA256, META_TEST_ACCURACY, OUTPUT_NAMES,
+    CHANNELS, IMAGE_SIZE, INPUT_NAME, META_CHECKPOINT_SHA256, META_TEST_ACCURACY, META_TEST_ACCURACY_SCOPE,
+    OUTPUT_NAMES,
 )
 
 logger = logging.getLogger(__name__)
@@ -115,15 +116,19 @@ def _onnx_outputs(path, inputs):
 
 def _framework_outputs(framework, checkpoint, work, inputs, tag):
     """Run the framework model on each batch of `inputs` in a worker; return outputs or an error."""
-    outputs = []
+    command = _worker("infer", framework, checkpoint=checkpoint)
+    output_paths = []
     for index, images in enumerate(inputs):
-        images_path = work / f"{tag}-images-{index}.npy"
-        output_path = work / f"{tag}-outputs-{index}.npz"
+        images_path, output_path = work / f"{tag}-images-{index}.npy", work / f"{tag}-outputs-{index}.npz"
         np.save(images_path, images)
-        error = _run(_worker("infer", framework, checkpoint=checkpoint, images=images_path, output=output_path),
-                     f"{framework}: inference on {len(images):,} images")
-        if error:
-            return None, error
+        command += ["--images", str(images_path), "--output", str(output_path)]
+        output_paths.append(output_path)
+    sizes = " + ".join(f"{len(images):,}" for images in inputs)
+    error = _run(command, f"{framework}: framework inference on {sizes} images")
+    if error:
+        return None, error
+    outputs = []
+    for output_path in output_paths:
         with np.load(output_path, allow_pickle=False) as archive:
             outputs.append((archive["logits"], archive["probabilities"]))
     return outputs, None
@@ -212,7 +217,8 @@ def verify_framework(framework, checkpoint, export, test, edges, work, atol, rto
         f"images {unexplained[:10]} change correctness without a near-tie" if unexplained else ""))
 
     recorded_accuracy = json.loads(metadata.get(META_TEST_ACCURACY, "null"))
-    if full_test and recorded_accuracy is not None:
+    recorded_on_full_split = metadata.get(META_TEST_ACCURACY_SCOPE) == FULL_TEST_SPLIT
+    if full_test and recorded_on_full_split and recorded_accuracy is not None:
         slack = RECORDED_ACCURACY_SLACK_IMAGES / len(labels)
         gap = abs(on_test.candidate_accuracy - recorded_accuracy)
         checks.append(CheckResult(
@@ -278,22 +284,27 @@ def _environment():
     }
 
 
-def run_verify(data, out, *, atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL, samples=None):
+def run_verify(data, out, *, frameworks=None, atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL, samples=None):
     """Run every check for the checkpoints and exports under `out`; return the Report.
 
+    `frameworks` (default: every framework with a checkpoint and an export) selects
+    whose export is checked and whose weights are moved into the other build.
     `samples` limits the test images compared (default: the whole test split).
-    Raises VerificationError when no framework has both a checkpoint and an export.
+    Raises VerificationError when a selected framework lacks its checkpoint or export.
     """
     from pipeline.data import load_dataset
     from pipeline.errors import VerificationError
 
     out = Path(out)
-    present = [fw for fw in FRAMEWORKS
-               if (out / fw / CHECKPOINT_NAMES[fw]).is_file() and (out / fw / "model.onnx").is_file()]
-    if not present:
+    ready = [fw for fw in FRAMEWORKS
+             if (out / fw / CHECKPOINT_NAMES[fw]).is_file() and (out / fw / "model.onnx").is_file()]
+    present = ready if frameworks is None else list(frameworks)
+    missing = [fw for fw in present if fw not in ready]
+    if missing or not present:
+        names = missing or list(FRAMEWORKS)
         raise VerificationError(
-            f"nothing to verify under {out}: expected OUT/<framework>/{{model.pt|model.keras}} and model.onnx; "
-            f"run `cifar-onnx train` and `cifar-onnx export` first")
+            f"nothing to verify for {', '.join(names)} under {out}: expected OUT/<framework>/ with a checkpoint "
+            f"(model.pt or model.keras) and model.onnx; run `cifar-onnx train` and `cifar-onnx export` first")
 
     dataset = load_dataset(data, out)
     count = len(dataset.test_images) if samples is None else min(samples, len(dataset.test_images))

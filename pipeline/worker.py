@@ -36,29 +36,35 @@ def _framework_module(framework):
     return keras_model
 
 
-def infer(framework, checkpoint, images_path, output_path):
-    """Write the framework model's (logits, probabilities) on the images to `output_path`."""
+def infer(framework, checkpoint, images_paths, output_paths):
+    """Run the framework model in inference mode on each images .npy file.
+
+    Writes (logits, probabilities) for images_paths[i] to output_paths[i]; each
+    file's images go through the model in batches of at most INFER_BATCH_SIZE, and
+    a file of 7 images is one batch of 7.
+    """
     module = _framework_module(framework)
-    images = np.load(images_path, allow_pickle=False)
     if framework == "torch":
         import torch
 
         net, _ = module.load_checkpoint(checkpoint)
         model = module.InferenceModel(net).eval()
-        outputs = []
-        with torch.inference_mode():
-            for start in range(0, len(images), INFER_BATCH_SIZE):
-                batch = torch.from_numpy(images[start:start + INFER_BATCH_SIZE])
-                outputs.append([t.numpy() for t in model(batch)])
+
+        def run(batch):
+            with torch.inference_mode():
+                return [t.numpy() for t in model(torch.from_numpy(batch))]
     else:
         model, _ = module.load_checkpoint(checkpoint)
-        outputs = []
-        for start in range(0, len(images), INFER_BATCH_SIZE):
-            batch = images[start:start + INFER_BATCH_SIZE]
-            outputs.append([np.asarray(t) for t in module.inference(model, batch)])
-    logits = np.concatenate([o[0] for o in outputs]).astype(np.float32)
-    probabilities = np.concatenate([o[1] for o in outputs]).astype(np.float32)
-    np.savez(output_path, logits=logits, probabilities=probabilities)
+
+        def run(batch):
+            return [np.asarray(t) for t in module.inference(model, batch)]
+
+    for images_path, output_path in zip(images_paths, output_paths, strict=True):
+        images = np.load(images_path, allow_pickle=False)
+        outputs = [run(images[start:start + INFER_BATCH_SIZE]) for start in range(0, len(images), INFER_BATCH_SIZE)]
+        logits = np.concatenate([o[0] for o in outputs]).astype(np.float32)
+        probabilities = np.concatenate([o[1] for o in outputs]).astype(np.float32)
+        np.savez(output_path, logits=logits, probabilities=probabilities)
 
 
 def dump_weights(framework, checkpoint, weights_path, info_path):
@@ -103,11 +109,11 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=["infer", "dump-weights", "load-weights"])
     parser.add_argument("--framework", choices=["torch", "keras"], required=True)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--images")
-    parser.add_argument("--output")
-    parser.add_argument("--weights")
-    parser.add_argument("--info")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint to read (or, for load-weights, to write)")
+    parser.add_argument("--images", action="append", default=[], help="infer: images .npy (repeatable)")
+    parser.add_argument("--output", action="append", default=[], help="infer: outputs .npz, one per --images")
+    parser.add_argument("--weights", help="neutral weights .npz")
+    parser.add_argument("--info", help="checkpoint info .json")
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     try:

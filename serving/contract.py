@@ -35,6 +35,7 @@ META_EXPORTER_VERSION = "exporter_version"
 META_OPSET = "opset"
 META_DATASET_FINGERPRINT = "dataset_fingerprint"
 META_TEST_ACCURACY = "test_accuracy"
+META_TEST_ACCURACY_SCOPE = "test_accuracy_scope"  # optional: which test images test_accuracy covers
 META_CHECKPOINT_SHA256 = "checkpoint_sha256"
 META_CREATED = "created"
 REQUIRED_METADATA = (
