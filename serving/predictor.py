@@ -5,7 +5,9 @@ metadata and signature against `serving.contract` when it loads, checks every in
 before running it, and imports onnxruntime only when the first Predictor is built.
 """
 
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -213,6 +215,7 @@ def _create_session(ort, model_path, providers, threads):
     # onnxruntime-gpu lists CUDA as available even without a GPU or CUDA libraries, and
     # then prints two error lines per session while it falls back to CPU. The attempt
     # runs with its default logger at fatal-only unless debug logging is on.
+    _preload_cuda_libraries(ort)
     session = _with_quiet_onnxruntime(ort, lambda: open_session([CUDA_PROVIDER, CPU_PROVIDER]))
     if CUDA_PROVIDER in session.get_providers():
         return session
@@ -225,6 +228,26 @@ def _create_session(ort, model_path, providers, threads):
         )
     logger.info("CUDA is not usable here (no GPU or CUDA %s libraries missing), running on CPU", cuda_version)
     return session
+
+
+def _preload_cuda_libraries(ort):
+    """Load the CUDA and cuDNN libraries of the nvidia-* wheels, which the loader does not search.
+
+    onnxruntime's preload_dlls() reports missing libraries with print(), so its stdout
+    is captured here (it would otherwise land among the classification rows) and logged.
+    """
+    # NOTE: not yet run on a machine with a GPU; without one the session falls back to
+    # CPU because libcuda.so.1 (the driver) is missing.
+    if not hasattr(ort, "preload_dlls"):
+        return
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            ort.preload_dlls()
+    except (OSError, RuntimeError) as error:
+        logger.debug("onnxruntime.preload_dlls failed: %s", error)
+    if printed.getvalue().strip():
+        logger.debug("onnxruntime.preload_dlls: %s", printed.getvalue().strip())
 
 
 def _with_quiet_onnxruntime(ort, action):
