@@ -201,11 +201,17 @@ class _CsvWriter:
 
 
 class _JsonLinesWriter:
+    """One JSON object per row, probabilities rounded to 6 decimals as in the CSV."""
+
     def __init__(self, stream):
         self.stream = stream
 
     def write_prediction(self, path, prediction):
-        self.stream.write(json.dumps({"path": str(path), **prediction.as_dict()}) + "\n")
+        row = {"path": str(path), **prediction.as_dict()}
+        row["probability"] = round(row["probability"], 6)
+        for entry in row["top_k"]:
+            entry["probability"] = round(entry["probability"], 6)
+        self.stream.write(json.dumps(row) + "\n")
 
     def write_error(self, path, reason):
         self.stream.write(json.dumps({"path": str(path), "error": reason}) + "\n")

@@ -112,6 +112,8 @@ def _decode_reason(error):
     reason = str(error) or type(error).__name__
     if isinstance(error, (EOFError, struct.error)):
         return f"truncated or damaged image data ({reason})"
+    if "truncated" in reason.lower() and not reason.startswith("image file is truncated"):
+        return f"image file is truncated ({reason})"  # Pillow says "Truncated File Read" when the header is cut
     return reason
 
 

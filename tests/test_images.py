@@ -248,3 +248,12 @@ def test_decompression_bomb_guard_is_kept(tmp_path, monkeypatch):
         load_image(tmp_path / "bomb.png")
     assert "decompression-bomb guard" in caught.value.reason
     assert "1024 pixels" in caught.value.reason
+
+
+def test_cut_header_is_reported_as_truncated(tmp_path):
+    pixels = np.random.default_rng(5).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "whole.jpg")
+    (tmp_path / "head.jpg").write_bytes((tmp_path / "whole.jpg").read_bytes()[:300])
+    with pytest.raises(ImageError) as caught:
+        load_image(tmp_path / "head.jpg")
+    assert caught.value.reason == "image file is truncated (Truncated File Read)"
