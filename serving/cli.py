@@ -49,7 +49,9 @@ def classify(paths, model, top_k, output_format, output, force, batch_size, recu
     Rows go to stdout (or --output), the summary to stderr. Exits 0 when every image
     was classified and 1 when some could not be read.
 
-    Example: cifar-onnx classify photos/ --model artifacts/torch/model.onnx --format csv
+    \b
+    Example:
+      cifar-onnx classify photos/ --model artifacts/torch/model.onnx --format csv
     """
     from serving.batch import classify_files
     from serving.predictor import Predictor
