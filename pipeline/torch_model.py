@@ -145,7 +145,9 @@ def load_checkpoint(path, architecture=None):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise TrainError(f"cannot read checkpoint {path}: {error}; train again to rewrite it") from error
+        # torch's weights_only message runs over several lines; its first states the cause.
+        reason = str(error).strip().splitlines()[0]
+        raise TrainError(f"cannot read checkpoint {path}: {reason}; train again to rewrite it") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "architecture" not in checkpoint:
         raise TrainError(
             f"{path} is not a cifar-onnx PyTorch checkpoint (expected a dict with 'state_dict' and "
