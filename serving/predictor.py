@@ -163,9 +163,9 @@ def import_onnxruntime():
     onnxruntime 1.31 starts its telemetry (a device id and an event store under
     ~/.cache/Microsoft/DeveloperTools/, queued uploads) while the module is imported,
     and only the environment variable ORT_DISABLE_TELEMETRY=1, set before that import,
-    stops it (onnxruntime's Privacy.md; measured with a fresh HOME). When the caller
-    imported onnxruntime earlier without it, this logs a warning and switches off what
-    the API still can.
+    stops it (onnxruntime's Privacy.md; measured with a fresh HOME). The variable stays
+    set, so child processes inherit it. When the caller imported onnxruntime earlier
+    without it, this logs a warning and switches off what the API still can.
     """
     global _onnxruntime_checked
     imported_elsewhere = "onnxruntime" in sys.modules and not _onnxruntime_checked
@@ -216,7 +216,15 @@ def _create_session(ort, model_path, providers, threads):
     # then prints two error lines per session while it falls back to CPU. The attempt
     # runs with its default logger at fatal-only unless debug logging is on.
     _preload_cuda_libraries(ort)
-    session = _with_quiet_onnxruntime(ort, lambda: open_session([CUDA_PROVIDER, CPU_PROVIDER]))
+    try:
+        session = _with_quiet_onnxruntime(ort, lambda: open_session([CUDA_PROVIDER, CPU_PROVIDER]))
+    except ModelContractError as error:
+        if providers == "cuda":
+            raise
+        # A broken model fails on CPU too and raises there; otherwise CUDA was the problem.
+        session = open_session([CPU_PROVIDER])
+        logger.warning("the CUDA session failed (%s), so running on CPU", error)
+        return session
     if CUDA_PROVIDER in session.get_providers():
         return session
     cuda_version = getattr(ort.capi.build_and_package_info, "cuda_version", "?")
