@@ -303,3 +303,27 @@ def test_no_files_outside_output_and_no_connections(tmp_path, model_path):
     if trace.exists():
         connects = [line for line in trace.read_text().splitlines() if "connect(" in line]
         assert [line for line in connects if "AF_UNIX" not in line] == []
+
+
+def test_odd_names_links_and_formats(tmp_path, model_path, monkeypatch):
+    odd = tmp_path / "odd"
+    (odd / "folder.jpg").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (0, 255, 0)).save(odd / "folder.jpg" / "inside.png")
+    Image.new("RGB", (32, 32), (0, 255, 0)).save(odd / "png_inside.jpg", format="PNG")
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(odd / "b.bmp")
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(odd / 'naïve, "quoted".webp')
+    (odd / "dangling.png").symlink_to("missing.png")
+    (odd / "vector.png").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>\n')
+    monkeypatch.chdir(tmp_path)
+
+    result = run_classify("odd", "--model", model_path, "--format", "csv")
+    assert result.exit_code == 1, result.output
+    rows = [(row["path"], row["label"], row["error"]) for row in parse_csv(result.stdout)]
+    assert rows == [
+        ("odd/b.bmp", "bird", ""),
+        ("odd/dangling.png", "", "file not found"),
+        ("odd/folder.jpg/inside.png", "automobile", ""),
+        ('odd/naïve, "quoted".webp', "airplane", ""),
+        ("odd/png_inside.jpg", "automobile", ""),
+        ("odd/vector.png", "", "not an image format that Pillow can decode"),
+    ]
