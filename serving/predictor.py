@@ -195,6 +195,10 @@ def _create_session(ort, model_path, providers, threads):
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
+    # Idle intra-op threads spin by default and take CPU from the decoding threads. On a
+    # shared 2-core machine, cnn-3block on 4,000 CIFAR-10 JPEGs went from about 1,140 to
+    # 1,280 images/s with spinning off, and batches of 256 alone ran equally fast.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     errors = _ort_errors(ort)
     available = ort.get_available_providers()
 
