@@ -13,6 +13,7 @@ import numpy as np
 
 from serving.errors import ImageError
 from serving.images import load_image
+from serving.predictor import DEFAULT_BATCH_SIZE
 
 PREFETCH_BATCHES = 2  # batches decoded ahead of the one the session runs
 
@@ -32,7 +33,7 @@ def default_decode_workers():
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def classify_files(predictor, paths, top_k=1, batch_size=256, workers=None):
+def classify_files(predictor, paths, top_k=1, batch_size=DEFAULT_BATCH_SIZE, workers=None):
     """Yield a FileResult for every path in `paths`, in the same order.
 
     Unreadable files give a FileResult with `error` and the run goes on. `workers`
