@@ -32,9 +32,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ATOL = 1e-4  # max |difference| of logits and probabilities allowed
 DEFAULT_RTOL = 1e-3  # plus this fraction of |reference|
-# The framework and its export are evaluated on one split by the same weights, so
-# their accuracies may differ only by near-ties; against the accuracy recorded at
-# training time, allow this many images for evaluation batches of another size.
+# The framework and its export run the same weights on the same split, so their
+# accuracies may differ only by near-ties. The accuracy recorded at training time came
+# from evaluation batches of another size, so it may differ by this many images.
 RECORDED_ACCURACY_SLACK_IMAGES = 2
 ORT_BATCH_SIZE = 256
 CHECKPOINT_NAMES = {"torch": "model.pt", "keras": "model.keras"}

@@ -7,7 +7,10 @@ failing one that names the check it broke.
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -83,7 +86,8 @@ def _assert_fails_naming(result, out, check_name):
     assert check_name in failed, failed
     assert f"FAIL  {check_name}" in result.stdout
     last = result.stderr.rstrip().splitlines()[-1]
-    assert last.startswith("error:") and check_name in last
+    assert last.startswith("error:")
+    assert check_name in last
 
 
 def test_verify_catches_perturbed_weight(shared_tarball, copied_out):
@@ -112,9 +116,6 @@ def test_verify_catches_bgr_channels(shared_tarball, copied_out):
 
 
 def test_verify_catches_training_mode_export(shared_tarball, copied_out):
-    import subprocess
-    import sys
-
     # Re-export in training mode (dropout active) without the exporter's own check.
     code = ("from exporters import torch_onnx; "
             f"torch_onnx.export_onnx({str(copied_out / 'torch' / 'model.pt')!r}, "
@@ -142,7 +143,6 @@ def test_verify_catches_transfer_without_dense_transpose(shared_tarball, copied_
         _transpose = transfer.dense_kernel_to_keras
         transfer.dense_kernel_to_keras = lambda kernel: kernel if kernel.shape[0] == kernel.shape[1] else _transpose(kernel)
     """))
-    import os
     env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
 
     result = _verify(shared_tarball, copied_out, "--framework", "torch", env=env)
