@@ -33,11 +33,6 @@ class Comparison:
     reference_accuracy: float | None = None
     candidate_accuracy: float | None = None
 
-    def within(self, atol, rtol):
-        """Return True when every logit and probability is within atol + rtol * |reference|."""
-        del rtol  # already applied: the required atols were computed at the caller's rtol
-        return self.required_atol_logits <= atol and self.required_atol_probabilities <= atol
-
 
 def _differences(reference, candidate, rtol):
     difference = np.abs(candidate.astype(np.float64) - reference.astype(np.float64))
