@@ -1,0 +1,226 @@
+"""`cifar-onnx train` end to end: outputs, falling loss, resume after SIGTERM, and every bad input.
+
+Each run is a subprocess of the real CLI on a small JPEG folder cut from the shared
+tarball, so torch and tensorflow never load into the pytest process.
+"""
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from serving.contract import CIFAR10_CLASSES
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "pipeline.cli"]
+TRAIN_PER_CLASS = 60  # 600 training images: enough for --limit 512
+TEST_PER_CLASS = 20
+OUTPUTS = {"torch": ("model.pt", "history.csv", "metrics.json", "curves.png"),
+           "keras": ("model.keras", "model.json", "history.csv", "metrics.json", "curves.png")}
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar(shared_tarball, tmp_path_factory):
+    """A folder train/<class>/*.jpg, test/<class>/*.jpg with the first images of each class in the tarball."""
+    root = tmp_path_factory.mktemp("tiny-cifar")
+    quota = {"train": TRAIN_PER_CLASS, "test": TEST_PER_CLASS}
+    taken = {}
+    with tarfile.open(shared_tarball) as archive:
+        for member in archive:
+            parts = Path(member.name).parts  # cifar10-jpeg/<split>/<class>/<file>
+            if not member.isfile() or len(parts) != 4 or parts[1] not in quota:
+                continue
+            key = parts[1:3]
+            if taken.get(key, 0) >= quota[parts[1]]:
+                continue
+            taken[key] = taken.get(key, 0) + 1
+            target = root / Path(*parts[1:])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.extractfile(member).read())
+            if len(taken) == 2 * len(CIFAR10_CLASSES) and all(
+                count >= quota[split] for (split, _), count in taken.items()
+            ):
+                break
+    return root
+
+
+def _train(*arguments, out, data=None, check=False):
+    command = [*CLI, "train", *arguments, "--out", str(out)]
+    if data is not None:
+        command += ["--data", str(data)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPOSITORY, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def _history(run_dir):
+    with open(run_dir / "history.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def _error_line(result):
+    """Return the `error: ...` line of stderr (the group prints exactly one)."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+@pytest.mark.parametrize("architecture", ["cnn-3block", "cnn-2block"])
+def test_smoke_run_writes_outputs(framework, architecture, tiny_cifar, tmp_path):
+    result = _train("--framework", framework, "--arch", architecture, "--limit", "512", "--epochs", "2",
+                    out=tmp_path, data=tiny_cifar, check=True)
+    run_dir = tmp_path / framework
+    for name in OUTPUTS[framework]:
+        assert (run_dir / name).is_file(), name
+
+    history = _history(run_dir)
+    assert [int(row["epoch"]) for row in history] == [1, 2]
+    assert float(history[1]["train_loss"]) < float(history[0]["train_loss"])
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["framework"] == framework
+    assert metrics["architecture"] == architecture
+    assert metrics["dataset_sizes"] == {"train": 461, "validation": 51, "test": 200}
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert metrics["recipe"]["limit"] == 512
+    assert metrics["class_names"] == list(CIFAR10_CLASSES)
+    assert f"{metrics['parameter_count']:,} trainable parameters" in result.stderr
+    assert "epoch   2/2 train_loss" in result.stderr
+    assert "test accuracy" in result.stdout
+
+
+@pytest.mark.slow
+def test_torch_checkpoint_loads_weights_only(tiny_cifar, tmp_path):
+    _train("--framework", "torch", "--limit", "100", "--epochs", "1", "--batch-size", "32",
+           out=tmp_path, data=tiny_cifar, check=True)
+    code = textwrap.dedent(f"""
+        import torch
+        checkpoint = torch.load({str(tmp_path / 'torch' / 'model.pt')!r}, weights_only=True)
+        from pipeline.torch_model import load_checkpoint
+        net, info = load_checkpoint({str(tmp_path / 'torch' / 'model.pt')!r}, "cnn-3block")
+        print(sorted(checkpoint)[:3], info["architecture"], info["test_accuracy"] >= 0)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPOSITORY)
+    assert result.returncode == 0, result.stderr
+    assert "cnn-3block True" in result.stdout
+
+
+def _interrupt_after_first_epoch(framework, data, out):
+    """Start a 3-epoch run, send SIGTERM once the epoch 1 line appears; return (returncode, stderr)."""
+    command = [*CLI, "train", "--framework", framework, "--limit", "512", "--epochs", "3",
+               "--data", str(data), "--out", str(out)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                               cwd=REPOSITORY)
+    lines = []
+    deadline = time.monotonic() + 300
+    for line in process.stderr:
+        lines.append(line)
+        if line.startswith("epoch   1/3"):
+            process.send_signal(signal.SIGTERM)
+            break
+        if time.monotonic() > deadline:
+            break
+    lines.extend(process.stderr)
+    return process.wait(timeout=120), "".join(lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_resume_continues_after_sigterm(framework, tiny_cifar, tmp_path):
+    returncode, stderr = _interrupt_after_first_epoch(framework, tiny_cifar, tmp_path)
+    run_dir = tmp_path / framework
+    assert returncode == 130, stderr
+    kept = json.loads((run_dir / "last.json").read_text())["epoch"]
+    assert kept in (1, 2)  # SIGTERM lands during epoch 2, or right after it on a slow machine
+    assert f"interrupted: kept epoch {kept}" in stderr
+    assert [int(row["epoch"]) for row in _history(run_dir)] == list(range(1, kept + 1))
+
+    other = _train("--framework", framework, "--resume", "--arch", "cnn-2block", out=tmp_path, data=tiny_cifar)
+    assert other.returncode == 1
+    assert "trains 'cnn-3block', not 'cnn-2block'" in _error_line(other)
+
+    resumed = _train("--framework", framework, "--resume", out=tmp_path, data=tiny_cifar, check=True)
+    assert f"resume: continuing {run_dir} after epoch {kept}" in resumed.stderr
+    assert f"epoch {kept + 1:3d}/3" in resumed.stderr
+    assert "epoch   1/3" not in resumed.stderr
+    assert [int(row["epoch"]) for row in _history(run_dir)] == [1, 2, 3]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 3
+
+
+def test_unknown_architecture_exits_2(tmp_path):
+    result = _train("--framework", "torch", "--arch", "resnet", out=tmp_path)
+    assert result.returncode == 2
+    assert "'cnn-3block', 'cnn-2block'" in result.stderr
+
+
+def test_unknown_framework_exits_2(tmp_path):
+    result = _train("--framework", "jax", out=tmp_path)
+    assert result.returncode == 2
+    assert "'torch', 'keras'" in result.stderr
+
+
+def test_missing_framework_names_extra(tmp_path):
+    # Hide torch from importlib's finder, as a machine without the [torch] extra would.
+    code = textwrap.dedent("""
+        import importlib.util, sys
+        find_spec = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *rest: None if name == "torch" else find_spec(name, *rest)
+        from pipeline.cli import main
+        main()
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", code, "train", "--framework", "torch", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=REPOSITORY,
+    )
+    assert result.returncode == 1
+    assert "pip install 'cifar-onnx[torch]'" in _error_line(result)
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_resume_without_checkpoint(framework, tmp_path):
+    result = _train("--framework", framework, "--resume", out=tmp_path)
+    assert result.returncode == 1
+    assert f"no interrupted {framework} run in {tmp_path / framework}" in _error_line(result)
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_batch_larger_than_training_set(framework, tiny_cifar, tmp_path):
+    result = _train("--framework", framework, "--limit", "100", "--batch-size", "128", out=tmp_path,
+                    data=tiny_cifar)
+    assert result.returncode == 1
+    assert "--batch-size 128 is larger than the 90 training images" in _error_line(result)
+    assert not (tmp_path / framework).exists()
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_mixed_precision_on_cpu_rejected(framework, tiny_cifar, tmp_path):
+    result = _train("--framework", framework, "--device", "cpu", "--mixed-precision", "--limit", "100",
+                    out=tmp_path, data=tiny_cifar)
+    assert result.returncode == 1
+    assert "--mixed-precision needs a GPU" in _error_line(result)
+
+
+def test_mps_rejected_for_keras(tiny_cifar, tmp_path):
+    result = _train("--framework", "keras", "--device", "mps", "--limit", "100", out=tmp_path, data=tiny_cifar)
+    assert result.returncode == 1
+    assert "--device mps is available for --framework torch only" in _error_line(result)
+
+
+def test_train_help_shows_recipe_defaults():
+    result = subprocess.run([*CLI, "train", "--help"], capture_output=True, text=True, cwd=REPOSITORY)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # click wraps long help lines
+    assert "Images per optimizer step. [default: 64;" in text
+    assert "[default: cnn-3block]" in text
+    assert "[default: crop-flip]" in text
