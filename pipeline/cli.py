@@ -38,7 +38,7 @@ def main(verbose):
 def _register_commands():
     from pipeline.cli_data import data
     from pipeline.cli_export import export
-    from pipeline.cli_stages import bench
+    from pipeline.cli_bench import bench
     from pipeline.cli_train import train
     from pipeline.cli_verify import verify
     from serving.cli import classify

@@ -1,0 +1,31 @@
+"""The `cifar-onnx bench` command."""
+
+import click
+
+
+@click.command()
+@click.option("--data", default="cifar10", show_default=True,
+              help="Dataset source the models were trained on: cifar10, or a folder / .tar / .tar.gz.")
+@click.option("--out", default="artifacts", show_default=True, type=click.Path(file_okay=False),
+              help="Artifact folder with OUT/<framework>/ checkpoints and model.onnx; the report goes here.")
+@click.option("--quick", is_flag=True,
+              help="Run every measurement on small sizes (about two minutes); the figures are no record.")
+def bench(data, out, quick):
+    """Measure the pipeline side by side with what a framework user would run instead.
+
+    For each framework with a checkpoint and an export under OUT: inference images/s of
+    onnxruntime vs the framework at batch 1, 64 and 256, FLOPs and the machine's float32
+    matmul GFLOP/s, cold start of classify vs a minimal framework script, folder
+    throughput vs a torchvision ImageFolder loop, training images/s of our stage vs the
+    tutorial-style code, install footprint, and a GPU section when CUDA is present.
+    Prints a table, writes OUT/bench.json and OUT/bench.md.
+
+    Example: cifar-onnx bench --data cifar10 --out artifacts
+    """
+    from pipeline.bench import format_table, run_bench, write_report
+
+    report = run_bench(data, out, quick=quick)
+    click.echo(format_table(report))
+    json_path, markdown_path = write_report(report, out)
+    met = sum(target["met"] for target in report["targets"])
+    click.echo(f"{met}/{len(report['targets'])} targets met; report: {json_path}, {markdown_path}")
