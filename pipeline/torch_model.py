@@ -10,12 +10,18 @@ import pickle
 from collections import OrderedDict
 from pathlib import Path
 
-import torch
-from torch import nn
+# Idle OpenMP threads sleep instead of spinning. On a shared or oversubscribed CPU, spinning
+# threads take the cores from the ones with work: measured on 2 shared cores with a load of
+# about 4, PASSIVE made cnn-3block training steps 2-4x faster. It must be set before torch
+# loads libgomp; a value already in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pipeline import architectures as arch
-from pipeline.errors import TrainError
-from serving.contract import MEAN, STD
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from pipeline import architectures as arch  # noqa: E402
+from pipeline.errors import TrainError  # noqa: E402
+from serving.contract import MEAN, STD  # noqa: E402
 
 CHECKPOINT_NAME = "model.pt"
 

@@ -10,13 +10,15 @@ import os
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-from pipeline import training
+# torch comes through torch_model, which sets the OpenMP wait policy before torch loads.
+from pipeline.torch_model import (
+    CHECKPOINT_NAME, build_model, count_parameters, load_checkpoint, preprocess, save_checkpoint, torch,
+)
+from pipeline import training  # noqa: I001
 from pipeline.errors import TrainError
 from pipeline.recipe import AUGMENTATIONS, learning_rate_at, split_indices, steps_per_epoch, subset_indices
-from pipeline.torch_model import CHECKPOINT_NAME, build_model, count_parameters, load_checkpoint, preprocess, save_checkpoint
+
+F = torch.nn.functional
 
 logger = logging.getLogger(__name__)
 
