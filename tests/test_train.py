@@ -224,3 +224,56 @@ def test_train_help_shows_recipe_defaults():
     assert "Images per optimizer step. [default: 64;" in text
     assert "[default: cnn-3block]" in text
     assert "[default: crop-flip]" in text
+
+
+AUGMENT_SCRIPT = """
+import json, sys
+import numpy as np
+from pipeline.recipe import Recipe
+
+framework = sys.argv[1]
+images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+if framework == "torch":
+    from pipeline.torch_train import augment, torch
+    torch.manual_seed(0)
+    run = lambda recipe: augment(torch.from_numpy(images), recipe).numpy()
+else:
+    from pipeline.keras_train import Augmentation
+    run = lambda recipe: Augmentation(recipe)(images, training=True).numpy()
+
+def is_window(image, padded):
+    windows = [padded[dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+    return any(np.array_equal(image, w) or np.array_equal(image, w[:, ::-1]) for w in windows)
+
+def is_image_or_mirror(image, original):
+    return np.allclose(image, original, atol=0.01) or np.allclose(image, original[:, ::-1], atol=0.01)
+
+padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+cropped = run(Recipe())
+still = Recipe(augment="flip-affine", rotation=0.0, zoom=0.0, translation=0.0)
+unjittered = Recipe(augment="crop-flip-jitter", crop_padding=0, brightness=0.0, contrast=0.0)
+print(json.dumps({
+    "dtype": str(cropped.dtype),
+    "shape": list(cropped.shape),
+    "windows": all(is_window(cropped[i], padded[i]) for i in range(16)),
+    "moved": sum(not np.array_equal(cropped[i], images[i]) for i in range(16)),
+    "affine_identity": all(is_image_or_mirror(out, image) for out, image in zip(run(still), images)),
+    "jitter_identity": all(is_image_or_mirror(out, image) for out, image in zip(run(unjittered), images)),
+    "affine_in_range": bool(np.all((run(Recipe(augment="flip-affine")) >= 0) & (run(Recipe(augment="flip-affine")) <= 255))),
+}))
+"""
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_augmentation_policies(framework):
+    result = subprocess.run([sys.executable, "-c", AUGMENT_SCRIPT, framework], capture_output=True, text=True,
+                            cwd=REPOSITORY, timeout=300)
+    assert result.returncode == 0, result.stderr
+    checks = json.loads(result.stdout.strip().splitlines()[-1])
+    assert checks["dtype"] == "float32"
+    assert checks["shape"] == [16, 32, 32, 3]
+    assert checks["windows"]  # every crop-flip output is a 32x32 window of the padded image, maybe mirrored
+    assert checks["moved"] >= 8  # offsets are random: most of 16 images move or flip
+    assert checks["affine_identity"]  # zero rotation, zoom and shift leave the image (or its mirror)
+    assert checks["jitter_identity"]  # zero brightness and contrast change nothing
+    assert checks["affine_in_range"]
