@@ -52,7 +52,8 @@ class Sizes:
 
     inference_images: int  # real test images the inference batches are cut from
     inference_counts: tuple  # images per timed run, one per BATCH_SIZES entry
-    warmup: int  # untimed runs before the timed ones (inference, matmul, folder, cold start)
+    warmup: int  # untimed runs before the timed ones of inference and matmul
+    process_warmup: int  # untimed subprocess runs (cold start, folder) that fill the page cache
     repeats: int  # timed runs of inference and matmul
     matmul_size: int  # side of the square float32 matrices
     cold_repeats: int  # timed cold starts per command
@@ -62,10 +63,12 @@ class Sizes:
     train_epochs: int  # the first is warm-up
 
 
-FULL = Sizes(inference_images=2048, inference_counts=(256, 2048, 2048), warmup=1, repeats=5, matmul_size=1024,
-             cold_repeats=5, folder_per_class=None, folder_repeats=3, train_limit=11_111, train_epochs=3)
-QUICK = Sizes(inference_images=128, inference_counts=(16, 128, 256), warmup=1, repeats=2, matmul_size=256,
-              cold_repeats=1, folder_per_class=20, folder_repeats=1, train_limit=256, train_epochs=2)
+FULL = Sizes(inference_images=2048, inference_counts=(256, 2048, 2048), warmup=1, process_warmup=1, repeats=5,
+             matmul_size=1024, cold_repeats=5, folder_per_class=None, folder_repeats=3, train_limit=11_111,
+             train_epochs=3)
+QUICK = Sizes(inference_images=128, inference_counts=(16, 128, 256), warmup=1, process_warmup=0, repeats=2,
+              matmul_size=256, cold_repeats=1, folder_per_class=20, folder_repeats=1, train_limit=256,
+              train_epochs=2)
 
 
 @dataclasses.dataclass
@@ -199,6 +202,34 @@ def measure_onnxruntime(export, images, sizes, providers="cpu"):
     return results, predictor.providers
 
 
+def profile_onnxruntime(export, images, batch_size, count, work):
+    """Return each operator type's share of onnxruntime's kernel time over `count` images in batches of `batch_size`.
+
+    Uses onnxruntime's own profiler (SessionOptions.enable_profiling), with the
+    Predictor's session options otherwise. Returns {"kernel_ms", "share_by_operator"}.
+    """
+    from serving.contract import INPUT_NAME
+    from serving.predictor import import_onnxruntime
+
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(work) / f"ort-profile-{Path(export).parent.name}")
+    session = ort.InferenceSession(str(export), options, providers=["CPUExecutionProvider"])
+    for batch in cyclic_batches(images, batch_size, count):
+        session.run(None, {INPUT_NAME: batch})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    totals = {}
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            operator = event.get("args", {}).get("op_name", "?")
+            totals[operator] = totals.get(operator, 0) + event["dur"]  # microseconds
+    total = sum(totals.values()) or 1
+    shares = {op: duration / total for op, duration in sorted(totals.items(), key=lambda item: -item[1])}
+    return {"kernel_ms": total / 1000, "share_by_operator": shares}
+
+
 def count_flops(export):
     """Count the multiply-adds of Conv, Gemm and MatMul in an ONNX file for one image, as FLOPs (2 per multiply-add).
 
@@ -313,7 +344,7 @@ def measure_cold_start(exports, checkpoints, image, sizes):
                                            "--image", str(image)]
     results = {}
     for name, command in commands.items():
-        for _ in range(sizes.warmup):
+        for _ in range(sizes.process_warmup):
             time_first_prediction(command, image.name, env)
         seconds = [time_first_prediction(command, image.name, env) for _ in range(sizes.cold_repeats)]
         results[name] = {"command": " ".join(command), **summarize(seconds)}
@@ -389,14 +420,14 @@ def measure_folder(folder, count, export, torch_checkpoint, work, sizes):
                                         "--output", str(baseline_csv)]
     for name, command in runs.items():
         end_to_end, loop = [], []
-        for attempt in range(sizes.warmup + sizes.folder_repeats):
+        for attempt in range(sizes.process_warmup + sizes.folder_repeats):
             started = time.perf_counter()
             result = _run(command, f"{name} over {count} files")
             seconds = time.perf_counter() - started
             rows = _csv_rows(classify_csv if name == "classify" else baseline_csv)
             if rows != count:
                 raise BenchmarkError(f"{name} wrote {rows} CSV rows for {count} images in {folder}")
-            if attempt < sizes.warmup:
+            if attempt < sizes.process_warmup:
                 continue
             end_to_end.append(count / seconds)
             if name == "classify":
@@ -612,6 +643,8 @@ def run_bench(data, out, quick=False):
                 "ratio": {b: ort_rates[b]["median"] / framework_rates[b]["median"] for b in ort_rates},
             }
             report["flops"][framework] = count_flops(exports[framework])
+            report["flops"][framework]["onnxruntime_profile_batch64"] = profile_onnxruntime(
+                exports[framework], images, TARGET_BATCH, sizes.inference_counts[1], work)
 
         steps.start("float32 matrix multiply, numpy and onnxruntime")
         report["matmul"] = measure_matmul(sizes)
@@ -795,6 +828,11 @@ def format_markdown(report):
     for target in report["targets"]:
         lines.append(f"- {target['name']}: {_format_value(target['measured'], target['unit'])}, target "
                      f">= {_format_value(target['required'], target['unit'])}: {target['result']}")
+    lines += ["", f"## Where onnxruntime's time goes at batch {TARGET_BATCH}", "",
+              "Share of kernel time by operator type, from onnxruntime's profiler:", ""]
+    for framework, flops in report["flops"].items():
+        shares = flops["onnxruntime_profile_batch64"]["share_by_operator"]
+        lines.append(f"- {framework} export: " + ", ".join(f"{op} {share:.0%}" for op, share in shares.items()))
     lines += ["", "## Environment", ""]
     lines += [f"- {key}: {value}" for key, value in {**report["versions"], **report["threads"]}.items()]
     lines += ["", "## Install footprint by package (MB)", ""]

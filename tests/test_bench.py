@@ -14,6 +14,7 @@ from conftest import run_cli
 from onnx_models import build_color_probe
 from pipeline.bench import (
     BATCH_SIZES, BenchmarkError, Target, count_flops, dependency_closure_bytes, prepare_test_folder,
+    profile_onnxruntime,
 )
 
 
@@ -81,6 +82,19 @@ def test_count_flops_unknown_shape(tmp_path):
 
     with pytest.raises(BenchmarkError, match="unknown"):
         count_flops(path)
+
+
+def test_profile_shares_by_operator(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
+
+    profile = profile_onnxruntime(build_color_probe(tmp_path / "probe.onnx"), images, 4, 16, tmp_path)
+
+    shares = profile["share_by_operator"]
+    # onnxruntime fuses MatMul and Add into one Gemm kernel, so the graph's first operators are checked.
+    assert "Cast" in shares
+    assert "ReduceMean" in shares
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert profile["kernel_ms"] > 0
 
 
 def test_prepare_test_folder_from_tarball(shared_tarball, tmp_path):
@@ -164,6 +178,7 @@ def test_bench_quick_reports_every_section(shared_tarball, exported_out):
             assert _positive(inference["framework"][batch])
             assert inference["ratio"][batch] > 0
         assert report["flops"][framework]["onnxruntime_gflops_batch64"] > 0
+        assert "Conv" in report["flops"][framework]["onnxruntime_profile_batch64"]["share_by_operator"]
         training = report["training"][framework]
         assert _positive(training["ours"]["images_per_second"])
         assert _positive(training["tutorial"]["images_per_second"])
@@ -193,5 +208,6 @@ def test_bench_quick_reports_every_section(shared_tarball, exported_out):
     markdown = (exported_out / "bench.md").read_text()
     assert "| measurement | ours | baseline | ratio | target |" in markdown
     assert "## Targets" in markdown
+    assert "## Where onnxruntime's time goes" in markdown
     assert "measurement" in result.stdout.splitlines()[0]
     assert "targets met; report:" in result.stdout
