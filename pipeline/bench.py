@@ -562,9 +562,15 @@ def run_gpu_section(exports, data, out, architecture, images, work, sizes, cuda_
                                       mixed_precision=mixed_precision, styles=("ours",))
             section["training"][f"{framework}{' mixed precision' if mixed_precision else ''}"] = result["ours"]
     for framework, export in exports.items():
-        section["onnxruntime"][framework] = {
-            provider: measure_onnxruntime(export, images, sizes, providers=provider)[0] for provider in ("cpu", "cuda")
-        }
+        try:
+            section["onnxruntime"][framework] = {
+                provider: measure_onnxruntime(export, images, sizes, providers=provider)[0]
+                for provider in ("cpu", "cuda")
+            }
+        except CifarOnnxError as error:
+            # A GPU that PyTorch sees may still lack the CUDA libraries onnxruntime needs.
+            logger.warning("onnxruntime on CUDA failed for the %s export: %s", framework, error)
+            section["onnxruntime"][framework] = {"error": str(error)}
     return section
 
 
@@ -782,6 +788,9 @@ def table_rows(report):
         for name, result in gpu["training"].items():
             rows.append([f"GPU training {name}, images/s", _stat(result["images_per_second"]), "", "", ""])
         for framework, providers in gpu["onnxruntime"].items():
+            if "error" in providers:
+                rows.append([f"{framework} onnxruntime on CUDA failed: {providers['error']}", "", "", "", ""])
+                continue
             cuda, cpu = providers["cuda"][str(BATCH_SIZES[-1])], providers["cpu"][str(BATCH_SIZES[-1])]
             rows.append([f"{framework} onnxruntime batch {BATCH_SIZES[-1]}, images/s (CUDA vs CPU provider)",
                          _stat(cuda), _stat(cpu), f"{cuda['median'] / cpu['median']:.2f}x", ""])
