@@ -194,6 +194,8 @@ def test_bench_quick_reports_every_section(shared_tarball, exported_out):
     assert folder["images"] == 200
     assert _positive(folder["classify"]["images_per_second"])
     assert _positive(folder["imagefolder_baseline"]["images_per_second"])
+    assert _positive(folder["classify"]["loop_images_per_second"])
+    assert _positive(folder["decode_images_per_second_one_thread"])
 
     footprint = report["footprint"]
     assert footprint["torch"]["bytes"] > 0 and "torch" in footprint["torch"]["packages"]
