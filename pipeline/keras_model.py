@@ -135,7 +135,7 @@ def load_checkpoint(path, architecture=None):
         )
     if architecture is not None and saved != architecture:
         raise TrainError(
-            f"checkpoint {path} holds architecture {saved!r}, expected {architecture!r}: "
+            f"checkpoint {path} contains architecture {saved!r}, expected {architecture!r}: "
             f"pass --arch {saved} or train {architecture} from scratch"
         )
 
@@ -144,7 +144,7 @@ def load_checkpoint(path, architecture=None):
     except (OSError, ValueError, TypeError) as error:
         raise TrainError(f"cannot read checkpoint {path}: {error}; train again to rewrite it") from error
     if model.name != saved:
-        raise TrainError(f"checkpoint {path} holds a model named {model.name!r}, but {sidecar} says {saved!r}")
+        raise TrainError(f"checkpoint {path} contains a model named {model.name!r}, but {sidecar} says {saved!r}")
     return model, info
 
 

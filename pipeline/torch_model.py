@@ -113,7 +113,7 @@ class InferenceModel(nn.Module):
     """uint8 [N, 32, 32, 3] images -> (logits, probabilities), both float32 [N, 10].
 
     Preprocessing, the network in eval mode (no dropout, BatchNorm running statistics)
-    and softmax: the module the ONNX exporter exports, so the graph holds the contract.
+    and softmax: the module the ONNX exporter exports, so the graph contains the whole contract.
     """
 
     def __init__(self, net):
@@ -141,7 +141,7 @@ def save_checkpoint(path, net, info):
 def load_checkpoint(path, architecture=None):
     """Read a checkpoint written by save_checkpoint; return (net in eval mode, info dict).
 
-    `info` holds every key except "state_dict". When `architecture` is given, a
+    `info` contains every key except "state_dict". When `architecture` is given, a
     checkpoint of another architecture is rejected. Raises TrainError naming the path
     and the fix for a missing, unreadable or foreign file.
     """
@@ -162,11 +162,11 @@ def load_checkpoint(path, architecture=None):
     saved = checkpoint["architecture"]
     if architecture is not None and saved != architecture:
         raise TrainError(
-            f"checkpoint {path} holds architecture {saved!r}, expected {architecture!r}: "
+            f"checkpoint {path} contains architecture {saved!r}, expected {architecture!r}: "
             f"pass --arch {saved} or train {architecture} from scratch"
         )
     if saved not in arch.ARCHITECTURES:
-        raise TrainError(f"checkpoint {path} holds unknown architecture {saved!r}: expected one of {', '.join(arch.ARCHITECTURES)}")
+        raise TrainError(f"checkpoint {path} contains unknown architecture {saved!r}: expected one of {', '.join(arch.ARCHITECTURES)}")
 
     net = build_model(saved)
     try:

@@ -33,7 +33,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 @dataclass
 class RunState:
-    """Where a run stands after its last completed epoch; stored as last.json for --resume."""
+    """Progress of a run after its last completed epoch, stored as last.json for --resume."""
 
     architecture: str
     recipe: dict

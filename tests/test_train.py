@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.recipe import Recipe, learning_rate_at, steps_per_epoch
 from serving.contract import CIFAR10_CLASSES
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -153,9 +154,17 @@ def test_resume_continues_after_sigterm(framework, tiny_cifar, tmp_path):
     assert f"resume: continuing {run_dir} after epoch {kept}" in resumed.stderr
     assert f"epoch {kept + 1:3d}/3" in resumed.stderr
     assert "epoch   1/3" not in resumed.stderr
-    assert [int(row["epoch"]) for row in _history(run_dir)] == [1, 2, 3]
+    history = _history(run_dir)
+    assert [int(row["epoch"]) for row in history] == [1, 2, 3]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs_run"] == 3
+
+    # The schedule resumed at the right step: each epoch's last batch used the rate of that step.
+    recipe = Recipe(epochs=3, limit=512)
+    steps = steps_per_epoch(metrics["dataset_sizes"]["train"], recipe.batch_size)
+    for row in history:
+        expected = learning_rate_at(int(row["epoch"]) * steps - 1, recipe.epochs * steps, recipe)
+        assert float(row["lr"]) == pytest.approx(expected, rel=1e-5), row["epoch"]
 
 
 def test_unknown_architecture_exits_2(tmp_path):
