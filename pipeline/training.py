@@ -157,18 +157,22 @@ def write_history(run_dir, history):
     write_text(Path(run_dir) / HISTORY_NAME, buffer.getvalue())
 
 
-def write_curves(run_dir, history, title):
+def write_curves(run_dir, history, title, best_epoch):
     """Plot loss and accuracy per epoch, train vs validation, to curves.png (fixed axes for comparison)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
     for axis, key, label in ((loss_axis, "loss", "cross-entropy loss"), (accuracy_axis, "accuracy", "accuracy")):
         axis.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
         axis.plot(epochs, [row[f"val_{key}"] for row in history], "s-", label="validation")
+        axis.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
+        axis.set_xlim(0.5, max(epochs) + 0.5)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_xlabel("epoch")
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)
@@ -258,7 +262,7 @@ def finish_run(run_dir, state, metrics, title):
     """Write history.csv, metrics.json and curves.png, then mark the run finished in last.json."""
     write_history(run_dir, state.history)
     write_json(Path(run_dir) / METRICS_NAME, metrics)
-    write_curves(run_dir, state.history, title)
+    write_curves(run_dir, state.history, title, state.best_epoch)
     state.finished = True
     write_state(run_dir, state)
     logger.info(
