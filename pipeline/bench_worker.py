@@ -31,7 +31,7 @@ TRAIN_STYLES = ("ours", "tutorial")
 # Each framework's tutorial augments differently; our stage runs the same transforms,
 # so a comparison measures the training code, not the amount of augmentation.
 TUTORIAL_AUGMENT = {"torch": "crop-flip-jitter", "keras": "flip-affine"}
-TUTORIAL_LOADER_WORKERS = 4  # the DataLoader workers a typical CIFAR-10 tutorial asks for
+TUTORIAL_LOADER_WORKERS = 4  # num_workers of the DataLoader in common CIFAR-10 tutorials
 LEARNING_RATE = 1e-3
 
 
@@ -134,7 +134,7 @@ def train(framework, style, data, dataset_out, work, architecture, limit, epochs
     """Train for `epochs` epochs on the --limit split and return images/s per epoch plus the image count.
 
     Both styles train on the training part of `split_indices(..., limit=limit)`, so they
-    see the same images. The first epoch includes start-up work and is reported apart.
+    see the same images. The first epoch includes start-up work, so the caller reports it apart.
     """
     from pipeline.data import load_dataset
     from pipeline.recipe import Recipe, split_indices
@@ -319,7 +319,7 @@ def _integers(text):
     return [int(part) for part in text.split(",") if part]
 
 
-def main(argv=None):
+def _parser():
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench_worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=["infer", "train", "first-prediction", "folder-baseline"])
@@ -332,7 +332,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="infer: timed runs")
     parser.add_argument("--style", choices=TRAIN_STYLES, default="ours", help="train: whose training code")
     parser.add_argument("--data", help="train: dataset source, as for cifar-onnx train --data")
-    parser.add_argument("--dataset-out", help="train: folder whose data/cache holds the dataset")
+    parser.add_argument("--dataset-out", help="train: folder whose data/cache contains the dataset cache")
     parser.add_argument("--work", help="train: scratch folder for our stage's outputs")
     parser.add_argument("--architecture", default="cnn-3block", help="train: architecture name")
     parser.add_argument("--limit", type=int, help="train: --limit of the recipe (a tenth is held out)")
@@ -343,11 +343,16 @@ def main(argv=None):
     parser.add_argument("--folder", help="folder-baseline: folder with one subfolder per class")
     parser.add_argument("--batch-size", type=int, default=256, help="folder-baseline: images per batch")
     parser.add_argument("--output", help="infer/train: result .json; folder-baseline: .csv")
-    arguments = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    arguments = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     if arguments.framework == "keras":
         from pipeline.frameworks import import_tensorflow
         import_tensorflow()
+
     try:
         if arguments.task == "first-prediction":
             first_prediction(arguments.framework, arguments.checkpoint, arguments.image)
@@ -362,6 +367,7 @@ def main(argv=None):
             result = train(arguments.framework, arguments.style, arguments.data, arguments.dataset_out,
                            arguments.work, arguments.architecture, arguments.limit, arguments.epochs,
                            arguments.device, arguments.mixed_precision)
+
         temporary = Path(arguments.output).with_name(f".{Path(arguments.output).name}.tmp")
         temporary.write_text(json.dumps(result, indent=2) + "\n")
         os.replace(temporary, arguments.output)

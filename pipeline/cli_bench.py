@@ -13,12 +13,13 @@ import click
 def bench(data, out, quick):
     """Measure the pipeline side by side with what a framework user would run instead.
 
-    For each framework with a checkpoint and an export under OUT: inference images/s of
-    onnxruntime vs the framework at batch 1, 64 and 256, FLOPs and the machine's float32
-    matmul GFLOP/s, cold start of classify vs a minimal framework script, folder
-    throughput vs a torchvision ImageFolder loop, training images/s of our stage vs the
-    tutorial-style code, install footprint, and a GPU section when CUDA is present.
-    Prints a table, writes OUT/bench.json and OUT/bench.md.
+    Uses every framework with a checkpoint and an export under OUT. Measures inference
+    images/s of onnxruntime vs the framework at batch 1, 64 and 256, and the network's
+    FLOPs against the machine's float32 matmul GFLOP/s. Compares the cold start of
+    classify with a minimal framework script, and folder throughput with a torchvision
+    ImageFolder loop. Compares training images/s of our stage with tutorial-style code,
+    and the install footprint. A GPU section runs when CUDA is present. Prints a table,
+    writes OUT/bench.json and OUT/bench.md.
 
     Example: cifar-onnx bench --data cifar10 --out artifacts
     """

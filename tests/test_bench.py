@@ -1,7 +1,7 @@
 """Bench: the FLOP count, the test-folder extraction and the footprint on known inputs, then a --quick run end to end.
 
 The end-to-end test runs `cifar-onnx bench --quick` as a subprocess on briefly
-trained exports of both frameworks. It checks that every section holds positive
+trained exports of both frameworks. It checks that every section contains positive
 figures, never a time or a ratio: those depend on the machine.
 """
 
@@ -198,8 +198,10 @@ def test_bench_quick_reports_every_section(shared_tarball, exported_out):
     assert _positive(folder["decode_images_per_second_one_thread"])
 
     footprint = report["footprint"]
-    assert footprint["torch"]["bytes"] > 0 and "torch" in footprint["torch"]["packages"]
-    assert footprint["tensorflow"]["bytes"] > 0 and "keras" in footprint["tensorflow"]["packages"]
+    assert footprint["torch"]["bytes"] > 0
+    assert "torch" in footprint["torch"]["packages"]
+    assert footprint["tensorflow"]["bytes"] > 0
+    assert "keras" in footprint["tensorflow"]["packages"]
     assert footprint["predictor_venv"]["bytes"] is None or footprint["predictor_venv"]["bytes"] > 0
     assert "skipped" in report["gpu"] or report["gpu"]["training"]
 
