@@ -610,11 +610,22 @@ def _architecture(export):
     return parse_metadata({p.key: p.value for p in model.metadata_props}, export)[META_ARCHITECTURE]
 
 
+def recorded_data_source(out):
+    """Return the dataset source that training recorded in OUT/<framework>/metrics.json, or None."""
+    for framework in FRAMEWORKS:
+        try:
+            return json.loads((Path(out) / framework / "metrics.json").read_text())["dataset_source"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 def run_bench(data, out, quick=False):
     """Run every measurement for the checkpoints and exports under `out`; return the report dict.
 
-    Raises BenchmarkError when no framework has both a checkpoint and an export, or
-    when a measurement's subprocess fails.
+    `data` None means the source training recorded in OUT/<framework>/metrics.json,
+    else "cifar10". Raises BenchmarkError when no framework has both a checkpoint and
+    an export, or when a measurement's subprocess fails.
     """
     from pipeline.data import load_dataset
     from serving.predictor import import_onnxruntime
@@ -626,6 +637,9 @@ def run_bench(data, out, quick=False):
         raise BenchmarkError(
             f"nothing to benchmark under {out}: expected OUT/<framework>/ with a checkpoint (model.pt or "
             "model.keras) and model.onnx; run `cifar-onnx train` and `cifar-onnx export` first")
+    if data is None:
+        data = recorded_data_source(out) or "cifar10"
+        logger.info("bench: data source %s", data)
     checkpoints = {fw: out / fw / CHECKPOINT_NAMES[fw] for fw in present}
     exports = {fw: out / fw / "model.onnx" for fw in present}
     architecture = _architecture(exports[present[0]])

@@ -4,8 +4,9 @@ import click
 
 
 @click.command()
-@click.option("--data", default="cifar10", show_default=True,
-              help="Dataset source the models were trained on: cifar10, or a folder / .tar / .tar.gz.")
+@click.option("--data", default=None,
+              help="Dataset source the models were trained on: cifar10, or a folder / .tar / .tar.gz  "
+                   "[default: the source recorded in OUT/<framework>/metrics.json, else cifar10]")
 @click.option("--out", default="artifacts", show_default=True, type=click.Path(file_okay=False),
               help="Artifact folder with OUT/<framework>/ checkpoints and model.onnx; the report goes here.")
 @click.option("--quick", is_flag=True,
@@ -21,7 +22,7 @@ def bench(data, out, quick):
     and the install footprint. A GPU section runs when CUDA is present. Prints a table,
     writes OUT/bench.json and OUT/bench.md.
 
-    Example: cifar-onnx bench --data cifar10 --out artifacts
+    Example: cifar-onnx bench --out artifacts
     """
     from pipeline.bench import format_table, run_bench, write_report
 

@@ -14,7 +14,7 @@ from conftest import run_cli
 from onnx_models import build_color_probe
 from pipeline.bench import (
     BATCH_SIZES, BenchmarkError, Target, count_flops, dependency_closure_bytes, prepare_test_folder,
-    profile_onnxruntime,
+    profile_onnxruntime, recorded_data_source,
 )
 
 
@@ -127,6 +127,14 @@ def test_dependency_closure_follows_requirements():
     assert all(size > 0 for size in sizes.values())
 
 
+def test_recorded_data_source_from_metrics(tmp_path):
+    assert recorded_data_source(tmp_path) is None
+    (tmp_path / "keras").mkdir()
+    (tmp_path / "keras" / "metrics.json").write_text(json.dumps({"dataset_source": "/data/cifar.tar.gz"}))
+
+    assert recorded_data_source(tmp_path) == "/data/cifar.tar.gz"
+
+
 def test_target_describes_shortfall():
     assert Target("t", 2.5, 2.0, "x").describe() == "met"
     assert Target("t", 1.5, 2.0, "x").describe() == "missed by 0.50x (75% of the target)"
@@ -160,11 +168,13 @@ def _positive(stats):
 
 @pytest.mark.slow
 def test_bench_quick_reports_every_section(shared_tarball, exported_out):
-    result = run_cli("bench", "--quick", "--data", shared_tarball, "--out", exported_out)
+    # No --data: bench reads the source that training recorded in metrics.json.
+    result = run_cli("bench", "--quick", "--out", exported_out)
 
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     report = json.loads((exported_out / "bench.json").read_text())
     assert report["quick"] is True
+    assert report["data"] == str(shared_tarball)
     for key in ("cpu_model", "logical_cores", "memory_gib"):
         assert report["machine"][key]
     for key in ("onnxruntime", "numpy", "torch", "tensorflow", "keras"):
