@@ -126,7 +126,10 @@ class _Steps:
 
 
 def _run(command, what, env=None):
-    """Run a subprocess to completion; return its CompletedProcess, or raise BenchmarkError with its last stderr line."""
+    """Run a subprocess to completion and return its CompletedProcess.
+
+    Raises BenchmarkError with the last line of its stderr when it fails.
+    """
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -339,7 +342,8 @@ def measure_cold_start(exports, checkpoints, image, sizes):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     commands = {}
     for framework, export in exports.items():
-        commands[f"classify_{framework}_export"] = [*_classify_command(), "classify", str(image), "--model", str(export)]
+        commands[f"classify_{framework}_export"] = [*_classify_command(), "classify", str(image),
+                                                    "--model", str(export)]
         commands[f"{framework}_script"] = [sys.executable, "-m", "pipeline.bench_worker", "first-prediction",
                                            "--framework", framework, "--checkpoint", str(checkpoints[framework]),
                                            "--image", str(image)]
@@ -487,7 +491,11 @@ def measure_training(framework, data, out, architecture, work, sizes, device="cp
 
 
 def find_predictor_venv():
-    """Return the newest predictor-only virtualenv that tests/test_serving_venv.py left in pytest's temp folder, or None."""
+    """Return the newest predictor-only virtualenv left by tests/test_serving_venv.py, or None.
+
+    pytest keeps the temporary folders of its last three runs, so the virtualenv is
+    found only after a recent test run.
+    """
     pattern = os.path.join(tempfile.gettempdir(), f"pytest-of-{getpass.getuser()}", "pytest-*",
                            "serving-venv*", "venv")
     candidates = [Path(p) for p in glob.glob(pattern) if (Path(p) / "bin" / "python").exists()]
@@ -551,7 +559,7 @@ def dependency_closure_bytes(root):
 
 
 def measure_footprint():
-    """Return the predictor-only virtualenv's size vs the torch and tensorflow dependency closures in this environment."""
+    """Return the predictor-only virtualenv's size and the torch and tensorflow dependency closures' sizes."""
     venv = find_predictor_venv()
     predictor = ({"path": str(venv), "bytes": folder_bytes(venv)} if venv is not None else
                  {"path": None, "bytes": None,
@@ -689,7 +697,8 @@ def run_bench(data, out, quick=False):
         report["matmul"] = measure_matmul(sizes)
         for framework in present:
             flops = report["flops"][framework]
-            achieved = flops["per_image"] * report["inference"][framework]["onnxruntime"][str(TARGET_BATCH)]["median"] / 1e9
+            rate = report["inference"][framework]["onnxruntime"][str(TARGET_BATCH)]["median"]
+            achieved = flops["per_image"] * rate / 1e9
             flops["onnxruntime_gflops_batch64"] = achieved
             flops["fraction_of_matmul_peak"] = achieved / report["matmul"]["peak_gflops"]
 
