@@ -16,6 +16,7 @@ import re
 import tarfile
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"  # published on the CIFAR-10 page
 CIFAR10_ARCHIVE = "cifar-10-binary.tar.gz"
-URL_ENV = "CIFAR_ONNX_CIFAR10_URL"  # read by the CLI to override CIFAR10_URL
+URL_ENV = "CIFAR_ONNX_CIFAR10_URL"  # when set, replaces CIFAR10_URL for every stage
 
 # The binary version: each record is 1 label byte then 3072 pixel bytes, R then G then B
 # planes of 32x32, row-major.
@@ -64,7 +65,7 @@ class Dataset:
     cache_reused: bool = False  # True when the arrays came from an existing cache
 
 
-def load_dataset(source="cifar10", out="artifacts", *, url=CIFAR10_URL, md5=CIFAR10_MD5,
+def load_dataset(source="cifar10", out="artifacts", *, url=None, md5=CIFAR10_MD5,
                  progress=True, workers=None, retries=2):
     """Build or reuse the cache of `source` under `out/data/cache/` and return a Dataset.
 
@@ -75,6 +76,7 @@ def load_dataset(source="cifar10", out="artifacts", *, url=CIFAR10_URL, md5=CIFA
     sets extra download attempts. Raises DataError naming the path and the fix;
     a failed build leaves no cache file behind.
     """
+    url = url or os.environ.get(URL_ENV) or CIFAR10_URL
     out = Path(out)
     cache_dir = out / "data" / "cache"
     if source == "cifar10":
@@ -90,7 +92,7 @@ def load_dataset(source="cifar10", out="artifacts", *, url=CIFAR10_URL, md5=CIFA
         path = path.resolve()
         key = _source_key(path)
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", path.name.split(".")[0]) or "data"
-        digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+        digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:12]
         cache_path = cache_dir / f"{name}-{digest}.npz"
         build = lambda: _build_local(path, progress, workers)  # noqa: E731
 
@@ -186,7 +188,8 @@ def _source_key(path):
         for name in sorted(files):
             file_path = Path(root, name)
             stat = file_path.stat()
-            digest.update(f"{file_path.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            # os.fsencode keeps file names that are not valid UTF-8 as their original bytes.
+            digest.update(os.fsencode(file_path.relative_to(path)) + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return f"folder {path} {digest.hexdigest()}"
 
 
@@ -201,7 +204,7 @@ def _read_cache(cache_path, key, source):
             arrays = tuple(npz[f"{split}_{kind}"] for split in _SPLITS for kind in ("images", "labels"))
             class_names = tuple(str(name) for name in npz["class_names"])
             fingerprint = str(npz["fingerprint"])
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
         log.warning("dataset cache %s is unreadable (%s); rebuilding it", cache_path, _one_line(error))
         return None
     return Dataset(*arrays, class_names=class_names, fingerprint=fingerprint, source=source,

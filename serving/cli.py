@@ -71,7 +71,10 @@ def classify(paths, model, top_k, output_format, output, force, batch_size, recu
         click.echo(f"warning: no image files found in {', '.join(paths)}", err=True)
 
     start = time.monotonic()
-    progress = _Progress(len(collected.images), enabled=sys.stderr.isatty())
+    # Rows printed to the same terminal would interleave with a redrawn progress line,
+    # and they show the progress themselves.
+    rows_on_terminal = output is None and sys.stdout.isatty()
+    progress = _Progress(len(collected.images), enabled=sys.stderr.isatty() and not rows_on_terminal)
     classified = failed = 0
     with _open_output(output, force) as stream:
         writer = _make_writer(output_format, stream, top_k, all_paths)
@@ -153,7 +156,12 @@ def _make_writer(output_format, stream, top_k, paths):
         return _CsvWriter(stream, top_k)
     if output_format == "jsonl":
         return _JsonLinesWriter(stream)
-    return _TableWriter(stream, top_k, max((len(str(p)) for p in paths), default=4))
+    return _TableWriter(stream, top_k, max((len(display_path(p)) for p in paths), default=4))
+
+
+def display_path(path):
+    """Return `path` as printable text: bytes that are not valid UTF-8 become \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
 
 
 class _TableWriter:
@@ -167,13 +175,13 @@ class _TableWriter:
         self._line(header)
 
     def write_prediction(self, path, prediction):
-        line = f"{str(path):<{self.path_width}}  {prediction.label:<12} {prediction.probability:>11.4f}"
+        line = f"{display_path(path):<{self.path_width}}  {prediction.label:<12} {prediction.probability:>11.4f}"
         if self.top_k > 1:
             line += "  " + ", ".join(f"{label} {p:.4f}" for label, p in prediction.top_k)
         self._line(line)
 
     def write_error(self, path, reason):
-        self._line(f"{str(path):<{self.path_width}}  error: {reason}")
+        self._line(f"{display_path(path):<{self.path_width}}  error: {reason}")
 
     def close(self):
         self.stream.flush()
@@ -192,11 +200,11 @@ class _CsvWriter:
 
     def write_prediction(self, path, prediction):
         ranks = [value for label, p in prediction.top_k[1:] for value in (label, f"{p:.6f}")]
-        self.writer.writerow([str(path), prediction.label, prediction.index, f"{prediction.probability:.6f}",
+        self.writer.writerow([display_path(path), prediction.label, prediction.index, f"{prediction.probability:.6f}",
                               *ranks, ""])
 
     def write_error(self, path, reason):
-        self.writer.writerow([str(path), "", "", "", *[""] * (2 * (self.top_k - 1)), reason])
+        self.writer.writerow([display_path(path), "", "", "", *[""] * (2 * (self.top_k - 1)), reason])
 
     def close(self):
         self.stream.flush()
@@ -209,14 +217,14 @@ class _JsonLinesWriter:
         self.stream = stream
 
     def write_prediction(self, path, prediction):
-        row = {"path": str(path), **prediction.as_dict()}
+        row = {"path": display_path(path), **prediction.as_dict()}
         row["probability"] = round(row["probability"], 6)
         for entry in row["top_k"]:
             entry["probability"] = round(entry["probability"], 6)
         self.stream.write(json.dumps(row) + "\n")
 
     def write_error(self, path, reason):
-        self.stream.write(json.dumps({"path": str(path), "error": reason}) + "\n")
+        self.stream.write(json.dumps({"path": display_path(path), "error": reason}) + "\n")
 
     def close(self):
         self.stream.flush()
