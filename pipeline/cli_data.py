@@ -1,6 +1,5 @@
 """The `cifar-onnx data` command: build or reuse the dataset cache and describe it."""
 
-import os
 import time
 
 import click
@@ -21,10 +20,10 @@ def data(source, out):
 
     Example: cifar-onnx data --data ~/datasets/cifar10-jpeg.tar.gz --out artifacts
     """
-    from pipeline.data import CIFAR10_URL, URL_ENV, load_dataset
+    from pipeline.data import load_dataset
 
     started = time.monotonic()
-    dataset = load_dataset(source, out, url=os.environ.get(URL_ENV) or CIFAR10_URL)
+    dataset = load_dataset(source, out)
     elapsed = time.monotonic() - started
 
     train_counts = _count(dataset.train_labels, len(dataset.class_names))
