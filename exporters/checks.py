@@ -215,8 +215,12 @@ def _check_runtime(model_bytes, class_count):
 def check_contract(model_path):
     """Run every contract check on the ONNX file at `model_path`; return the Check list."""
     import onnx
+    from google.protobuf.message import DecodeError
 
-    model = onnx.load(str(model_path))
+    try:
+        model = onnx.load(str(model_path))
+    except (OSError, DecodeError) as error:
+        return [Check("ONNX file readable", False, f"cannot load {model_path}: {error}")]
     metadata = {entry.key: entry.value for entry in model.metadata_props}
     checks = _check_structure(model)
     metadata_check, class_names = _check_metadata(metadata)

@@ -24,7 +24,8 @@ from exporters.metadata import FULL_TEST_SPLIT, sha256_file
 from pipeline.compare import compare_outputs
 from pipeline.frameworks import FRAMEWORKS
 from serving.contract import (
-    CHANNELS, IMAGE_SIZE, INPUT_NAME, META_CHECKPOINT_SHA256, META_TEST_ACCURACY, META_TEST_ACCURACY_SCOPE,
+    CHANNELS, IMAGE_SIZE, INPUT_NAME, META_CHECKPOINT_SHA256, META_CLASS_NAMES, META_DATASET_FINGERPRINT,
+    META_TEST_ACCURACY, META_TEST_ACCURACY_SCOPE,
     OUTPUT_NAMES,
 )
 
@@ -52,7 +53,7 @@ class CheckResult:
 
     def line(self):
         status = "PASS" if self.passed else "FAIL"
-        text = f"{status}  {self.name:<56} {self.measured:<24} {self.threshold}"
+        text = f"{status}  {self.name:<64} {self.measured:<22} {self.threshold}"
         return f"{text}  ({self.detail})" if self.detail else text
 
 
@@ -168,10 +169,10 @@ def _agreement_check(name, comparison, allow_near_ties):
 
 
 def verify_framework(framework, checkpoint, export, test, edges, work, atol, rtol, full_test):
-    """Return the checks of one framework's model against its own ONNX file."""
+    """Return (checks, comparison on the test images or None) for one framework vs its ONNX file."""
     from exporters.checks import check_contract
 
-    images, labels, class_names = test
+    images, labels, class_names, fingerprint = test
     checks = []
 
     contract = check_contract(export)
@@ -179,8 +180,22 @@ def verify_framework(framework, checkpoint, export, test, edges, work, atol, rto
     checks.append(CheckResult(
         f"{framework}: export contract", not failed, f"{len(contract) - len(failed)}/{len(contract)} passed",
         "all", "; ".join(f"{c.name}: {c.detail}" for c in failed)))
+    if any(c.name in ("ONNX file readable", "onnxruntime session") for c in failed):
+        return checks, None
 
+    # The export must come from this checkpoint and the data must be what it was trained on.
     metadata = _metadata(export)
+    exported_classes = json.loads(metadata.get(META_CLASS_NAMES, "null"))
+    checks.append(CheckResult(
+        f"{framework}: class names of the data = export's", exported_classes == list(class_names),
+        f"{len(class_names)} classes", f"= {len(exported_classes or [])} in export",
+        "" if exported_classes == list(class_names) else
+        f"data has {list(class_names)}, export has {exported_classes}: pass the training data with --data"))
+    exported_fingerprint = metadata.get(META_DATASET_FINGERPRINT, "")
+    checks.append(CheckResult(
+        f"{framework}: data fingerprint = training's", exported_fingerprint == fingerprint,
+        f"sha256 {fingerprint[:12]}", f"= {exported_fingerprint[:12]}",
+        "" if exported_fingerprint == fingerprint else "pass the data the model was trained on with --data"))
     recorded = metadata.get(META_CHECKPOINT_SHA256, "")
     actual = sha256_file(checkpoint)
     checks.append(CheckResult(
@@ -244,7 +259,7 @@ def verify_transfer(source, target, checkpoint, export, test, edges, work, out, 
         (_worker("load-weights", target, checkpoint=transferred, weights=weights, info=info),
          f"{prefix}: load them into the {target} build"),
         ([sys.executable, "-m", "pipeline.cli", "export", "--framework", target, "--checkpoint",
-          str(transferred), "--output", str(transferred_export)],
+          str(transferred), "--output", str(transferred_export), "--force"],
          f"{prefix}: export with the {target} exporter"),
     ]
     for command, what in steps:
@@ -252,9 +267,13 @@ def verify_transfer(source, target, checkpoint, export, test, edges, work, out, 
         if error:
             return [CheckResult(f"{prefix}: weights moved and exported", False, "error", "runs", error)]
 
-    images, labels, class_names = test
-    reference = _onnx_outputs(export, [images, edges])
-    candidate = _onnx_outputs(transferred_export, [images, edges])
+    images, labels, class_names, _ = test
+    try:
+        reference = _onnx_outputs(export, [images, edges])
+        candidate = _onnx_outputs(transferred_export, [images, edges])
+    except Exception as error:  # onnxruntime's load and run errors share no public base class
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return [CheckResult(f"{prefix}: both exports run", False, "error", "runs", reason)]
     comparison = compare_outputs(
         tuple(np.concatenate([reference[0][i], reference[1][i]]) for i in range(2)),
         tuple(np.concatenate([candidate[0][i], candidate[1][i]]) for i in range(2)),
@@ -311,7 +330,8 @@ def run_verify(data, out, *, frameworks=None, atol=DEFAULT_ATOL, rtol=DEFAULT_RT
     # A seeded sample in split order: the test split is stored class by class, so its
     # first N images would all be of one class.
     chosen = np.sort(np.random.default_rng(0).permutation(len(dataset.test_images))[:count])
-    test = (dataset.test_images[chosen], dataset.test_labels[chosen], list(dataset.class_names))
+    test = (dataset.test_images[chosen], dataset.test_labels[chosen], list(dataset.class_names),
+            dataset.fingerprint)
     edges = edge_images()
     checks, files, disagreements = [], {}, []
     work = Path(tempfile.mkdtemp(prefix="verify-", dir=out))
@@ -374,9 +394,8 @@ def write_report(report, out):
         "| --- | --- | --- | --- | --- |",
     ]
     for check in report.checks:
-        detail = check.detail.replace("|", "\\|")
-        lines.append(f"| {'pass' if check.passed else '**FAIL**'} | {check.name} | {check.measured} | "
-                     f"{check.threshold} | {detail} |")
+        cells = [cell.replace("|", "\\|") for cell in (check.name, check.measured, check.threshold, check.detail)]
+        lines.append(f"| {'pass' if check.passed else '**FAIL**'} | " + " | ".join(cells) + " |")
     lines += ["", "## Environment", ""]
     lines += [f"- {key}: {value}" for key, value in report.environment.items()]
     lines += ["", "## Files (sha256)", ""]

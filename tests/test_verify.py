@@ -157,3 +157,30 @@ def test_verify_without_exports_names_the_fix(shared_tarball, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: nothing to verify")
     assert "cifar-onnx export" in result.stderr
+
+
+def test_verify_reports_unreadable_export(shared_tarball, copied_out):
+    (copied_out / "torch" / "model.onnx").write_text("not an ONNX file")
+
+    result = _verify(shared_tarball, copied_out, "--framework", "torch")
+
+    assert "Traceback" not in result.stderr
+    _assert_fails_naming(result, copied_out, "torch: export contract")
+    _assert_fails_naming(result, copied_out, "transfer torch -> keras: both exports run")
+
+
+def test_verify_rejects_other_dataset(copied_out, tmp_path):
+    from PIL import Image
+
+    # A two-class dataset the model was not trained on.
+    for split in ("train", "test"):
+        for name, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+            folder = tmp_path / "other" / split / name
+            folder.mkdir(parents=True)
+            for index in range(3):
+                Image.new("RGB", (32, 32), colour).save(folder / f"{index}.png")
+
+    result = run_cli("verify", "--data", tmp_path / "other", "--out", copied_out, "--framework", "torch")
+
+    _assert_fails_naming(result, copied_out, "torch: class names of the data = export's")
+    _assert_fails_naming(result, copied_out, "torch: data fingerprint = training's")
