@@ -3,6 +3,7 @@
 import datetime
 import hashlib
 import json
+import logging
 
 from serving.contract import (
     IMAGE_METADATA, META_ARCHITECTURE, META_CHECKPOINT_SHA256, META_CLASS_NAMES, META_CREATED,
@@ -11,6 +12,7 @@ from serving.contract import (
 )
 
 FULL_TEST_SPLIT = "full test split"
+logger = logging.getLogger(__name__)
 
 
 def sha256_file(path):
@@ -33,6 +35,9 @@ def build_metadata(*, info, framework, framework_version, exporter, exporter_ver
     # A --limit run evaluates a seeded subset of the test split; verify compares its
     # own full-split accuracy with the recorded one only when the scopes match.
     limit = (info.get("recipe") or {}).get("limit")
+    if test_accuracy is None:
+        logger.warning("warning: %s has no test accuracy because its training run did not finish; "
+                       "the export records test_accuracy as null", checkpoint_path)
     metadata = {
         META_CLASS_NAMES: json.dumps(list(info["class_names"])),
         META_ARCHITECTURE: str(info["architecture"]),
@@ -43,12 +48,18 @@ def build_metadata(*, info, framework, framework_version, exporter, exporter_ver
         META_OPSET: str(int(opset)),
         META_DATASET_FINGERPRINT: str(info.get("dataset_fingerprint", "")),
         META_TEST_ACCURACY: json.dumps(None if test_accuracy is None else float(test_accuracy)),
-        META_TEST_ACCURACY_SCOPE: FULL_TEST_SPLIT if not limit else f"subset of at most {int(limit)} test images",
+        META_TEST_ACCURACY_SCOPE: _accuracy_scope(test_accuracy, limit),
         META_CHECKPOINT_SHA256: sha256_file(checkpoint_path),
         META_CREATED: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     metadata.update(IMAGE_METADATA)
     return metadata
+
+
+def _accuracy_scope(test_accuracy, limit):
+    if test_accuracy is None:
+        return "not evaluated"
+    return FULL_TEST_SPLIT if not limit else f"subset of at most {int(limit)} test images"
 
 
 def attach_metadata(model, metadata):

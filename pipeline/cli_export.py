@@ -69,7 +69,8 @@ def summarize_export(path, checks):
               help="Checkpoint to export instead of the one under OUT.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="ONNX file to write instead of OUT/<framework>/model.onnx.")
-def export(framework, out, opset, checkpoint, output):
+@click.option("--force", is_flag=True, help="Overwrite an existing --output file.")
+def export(framework, out, opset, checkpoint, output, force):
     """Export a trained checkpoint to the ONNX contract.
 
     PyTorch goes through torch.onnx (dynamo), Keras through tf2onnx. The file is
@@ -82,9 +83,12 @@ def export(framework, out, opset, checkpoint, output):
     if not source.exists():
         raise ExportError(f"no checkpoint at {source}: run `cifar-onnx train --framework {framework} "
                           f"--out {out}` first")
+    # Re-exporting replaces OUT/<framework>/model.onnx; a file the user named is kept unless --force.
+    if output and Path(output).exists() and not force:
+        raise click.BadParameter(f"{output} exists; pass --force to overwrite it", param_hint="'--output'")
     path = Path(output) if output else export_path(out, framework)
     checks = run_export(framework, source, path, opset)
     for line in summarize_export(path, checks):
         click.echo(line)
-    click.echo(f"next       cifar-onnx verify --out {out}")
+    click.echo(f"next       cifar-onnx verify --out {out} --data <the data it was trained on>")
     click.echo(f"           cifar-onnx classify IMAGES... --model {path}")
