@@ -21,6 +21,7 @@ help:  ## List targets and variables with their defaults.
 	@echo "  DATA=$(DATA)   cifar10 (download) or a folder / .tar / .tar.gz with train/<class>/ and test/<class>/"
 	@echo "  EPOCHS=$(if $(EPOCHS),$(EPOCHS),<recipe default>)   training epochs"
 	@echo "  OUT=$(OUT)   artifact folder"
+	@echo "  IMAGES=$(IMAGES)   files or folders for make classify"
 
 setup: $(STAMP)  ## Build .venv with every extra the pipeline needs (no-op when nothing changed).
 
@@ -52,7 +53,7 @@ classify: setup  ## Classify the images in IMAGES with the FRAMEWORK export (fir
 	$(BIN)/cifar-onnx classify $(IMAGES) --model $(OUT)/$(firstword $(FRAMEWORKS))/model.onnx
 
 bench: setup  ## Measure throughput, cold start and footprint against the frameworks.
-	$(BIN)/cifar-onnx bench --out $(OUT)
+	$(BIN)/cifar-onnx bench --data $(DATA) --out $(OUT)
 
 test: setup  ## Run the whole test suite (CI runs exactly this).
 	$(BIN)/python -m pytest

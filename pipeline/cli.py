@@ -5,6 +5,7 @@ runs, so `cifar-onnx classify` starts fast where neither framework is installed.
 """
 
 import logging
+import signal
 import sys
 
 import click
@@ -16,11 +17,23 @@ class _Group(click.Group):
     """Report the project's own errors as one line on stderr and exit 1."""
 
     def invoke(self, ctx):
+        # SIGTERM unwinds like Ctrl-C, so temporary files and worker processes are cleaned up.
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         try:
             return super().invoke(ctx)
         except CifarOnnxError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(1)
+        except OSError as error:
+            # An --out or --output path that cannot be created or written, a full disk.
+            where = f" {error.filename}" if error.filename else ""
+            click.echo(f"error: cannot write or read{where}: {error.strerror or error}; check the path and "
+                       "its permissions", err=True)
+            sys.exit(1)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,6 +46,8 @@ def main(verbose):
                         stream=sys.stderr)
     for package in ("pipeline", "exporters", "serving"):
         logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Library warnings (Pillow's decompression-bomb notice, for one) become one log line.
+    logging.captureWarnings(True)
 
 
 def _register_commands():

@@ -30,8 +30,14 @@ def verify(framework, data, out, atol, rtol, samples):
 
     Example: cifar-onnx verify --data cifar10 --out artifacts
     """
+    import importlib.util
+
     from pipeline.errors import VerificationError
     from pipeline.verify import run_verify, write_report
+
+    if importlib.util.find_spec("onnx") is None:
+        raise VerificationError("verify needs the onnx package and both frameworks: "
+                                "run pip install 'cifar-onnx[torch,keras]'")
 
     frameworks = None if framework == "both" else [framework]
     report = run_verify(data, out, frameworks=frameworks, atol=atol, rtol=rtol, samples=samples)
