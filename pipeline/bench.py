@@ -498,7 +498,8 @@ def find_predictor_venv():
     """
     pattern = os.path.join(tempfile.gettempdir(), f"pytest-of-{getpass.getuser()}", "pytest-*",
                            "serving-venv*", "venv")
-    candidates = [Path(p) for p in glob.glob(pattern) if (Path(p) / "bin" / "python").exists()]
+    # pytest adds a "<name>current" link to the newest numbered folder, so links are resolved first.
+    candidates = {Path(p).resolve() for p in glob.glob(pattern) if (Path(p) / "bin" / "python").exists()}
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
 
