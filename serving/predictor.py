@@ -206,7 +206,8 @@ def _create_session(ort, model_path, providers, threads):
         try:
             return ort.InferenceSession(model_path, sess_options=options, providers=provider_list)
         except errors as error:
-            raise ModelContractError(f"cannot load model {model_path}: {str(error).splitlines()[0]}") from error
+            raise ModelContractError(f"cannot load model {model_path}: {str(error).splitlines()[0]}; "
+                                     "pass an ONNX file written by `cifar-onnx export`") from error
 
     if providers == "cpu" or (providers == "auto" and CUDA_PROVIDER not in available):
         return open_session([CPU_PROVIDER])
@@ -372,6 +373,9 @@ def _iter_batches(images, batch_size, check_batch):
         return
     if _is_single_image(images):
         images = [images]
+    if isinstance(images, (bytes, bytearray)) or not hasattr(images, "__iter__"):
+        raise TypeError(f"expected a path, a file object, a Pillow image, a uint8 array or a list of them, "
+                        f"got {type(images).__name__}")
 
     pending = []
     for item in images:
@@ -379,10 +383,11 @@ def _iter_batches(images, batch_size, check_batch):
             pending.extend(check_batch(item))
         elif isinstance(item, np.ndarray):
             pending.append(check_batch(item)[0])
-        elif isinstance(item, (str, os.PathLike, Image.Image)):
+        elif isinstance(item, (str, os.PathLike, Image.Image)) or hasattr(item, "read"):
             pending.append(load_image(item))
         else:
-            raise TypeError(f"expected a path, a Pillow image or a uint8 array, got {type(item).__name__}")
+            raise TypeError(f"expected a path, a file object, a Pillow image or a uint8 array, "
+                            f"got {type(item).__name__}")
         while len(pending) >= batch_size:
             yield np.stack(pending[:batch_size])
             pending = pending[batch_size:]
@@ -391,4 +396,4 @@ def _iter_batches(images, batch_size, check_batch):
 
 
 def _is_single_image(images):
-    return isinstance(images, (str, os.PathLike, Image.Image, np.ndarray))
+    return isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) or hasattr(images, "read")

@@ -249,3 +249,22 @@ def test_prediction_is_a_plain_value():
     assert prediction == Prediction("cat", 3, 0.5, (("cat", 0.5),))
     assert prediction.as_dict() == {"label": "cat", "index": 3, "probability": 0.5,
                                     "top_k": [{"label": "cat", "probability": 0.5}]}
+
+
+def test_predict_accepts_file_object_and_rejects_others(tmp_path):
+    import io
+
+    model_path = tmp_path / "probe.onnx"
+    build_color_probe(model_path)
+    predictor = Predictor(str(model_path), providers="cpu")
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(buffer, format="PNG")
+    buffer.seek(0)
+
+    from_file = predictor.predict(buffer)
+    from_array = predictor.predict(np.full((32, 32, 3), (255, 0, 0), dtype=np.uint8))
+
+    assert from_file[0].label == from_array[0].label
+    for bad in (None, b"/some/path", 3):
+        with pytest.raises(TypeError, match="expected a path, a file object"):
+            predictor.predict(bad)
