@@ -32,7 +32,7 @@ _RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "schedule", "seed", "limit", "a
               help="Learning-rate schedule, stepped once per batch.")
 @click.option("--augment", type=click.Choice(tuple(AUGMENTATIONS)), default=_DEFAULTS.augment,
               show_default=True, help="Training augmentation policy, applied batch-wise on the device.")
-@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=_DEFAULTS.seed, show_default=True,
               help="Seed of the validation split, --limit subset, initialisation and shuffling.")
 @click.option("--data", "source", default="cifar10", show_default=True,
               help="Dataset: 'cifar10' (download) or a folder / .tar / .tar.gz with train/<class>/ and test/<class>/.")

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,7 @@ def train_model(dataset, architecture, recipe, out, device="auto", mixed_precisi
         keras.utils.set_random_seed(recipe.seed * 100_003 + state.epoch)
 
     training.log_header(
-        FRAMEWORK, f"{tf.__version__} (keras {keras.__version__})", _describe_device(device), architecture,
+        FRAMEWORK, f"{keras.__version__} (tensorflow {tf.__version__})", _describe_device(device), architecture,
         count_parameters(net), dataset, sizes, recipe,
     )
     info = {"class_names": list(dataset.class_names), "dataset_fingerprint": dataset.fingerprint}
@@ -344,7 +345,7 @@ def _load_last(path, net, trainer):
             optimizer.build(trainer.trainable_variables)
             for i, variable in enumerate(optimizer.variables):
                 variable.assign(arrays[f"optimizer_{i}"])
-    except (OSError, KeyError, ValueError) as error:
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise TrainError(f"--resume: cannot read {path}: {error}; start a new run without --resume") from error
 
 

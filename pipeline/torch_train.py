@@ -7,6 +7,7 @@ stopping and output files, written the way each framework is meant to be used.
 import logging
 import math
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -290,5 +291,7 @@ def _load_last(path, net, optimizer, scheduler, scaler):
         optimizer.load_state_dict(last["optimizer"])
         scheduler.load_state_dict(last["scheduler"])
         scaler.load_state_dict(last["scaler"])
-    except (OSError, RuntimeError, KeyError, ValueError) as error:
-        raise TrainError(f"--resume: cannot read {path}: {error}; start a new run without --resume") from error
+    except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        # torch's weights_only message runs over several lines; its first states the cause.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrainError(f"--resume: cannot read {path}: {reason}; start a new run without --resume") from error
