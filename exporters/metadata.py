@@ -32,8 +32,8 @@ def build_metadata(*, info, framework, framework_version, exporter, exporter_ver
     dataset_fingerprint and test_accuracy (None when the model was never evaluated).
     """
     test_accuracy = info.get("test_accuracy")
-    # A --limit run evaluates a seeded subset of the test split; verify compares its
-    # own full-split accuracy with the recorded one only when the scopes match.
+    # A --limit run evaluates a seeded subset of the test split. Verify compares its own
+    # full-split accuracy with the recorded one only when both cover the full split.
     limit = (info.get("recipe") or {}).get("limit")
     if test_accuracy is None:
         logger.warning("warning: %s has no test accuracy because its training run did not finish; "
