@@ -10,6 +10,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FRAMEWORKS := $(if $(filter both,$(FRAMEWORK)),torch keras,$(FRAMEWORK))
 EPOCHS_OPTION := $(if $(EPOCHS),--epochs $(EPOCHS))
+# verify and bench default to the data source that training recorded, unless DATA is given.
+DATA_OPTION := $(if $(filter file,$(origin DATA)),,--data $(DATA))
 
 .PHONY: help setup data train export verify classify bench test clean
 
@@ -47,13 +49,13 @@ export: setup  ## Export the trained FRAMEWORK checkpoints to ONNX.
 	done
 
 verify: setup  ## Check every export against its framework and the frameworks against each other.
-	$(BIN)/cifar-onnx verify --framework $(FRAMEWORK) --data $(DATA) --out $(OUT)
+	$(BIN)/cifar-onnx verify --framework $(FRAMEWORK) $(DATA_OPTION) --out $(OUT)
 
 classify: setup  ## Classify the images in IMAGES with the FRAMEWORK export (first one when both).
 	$(BIN)/cifar-onnx classify $(IMAGES) --model $(OUT)/$(firstword $(FRAMEWORKS))/model.onnx
 
 bench: setup  ## Measure throughput, cold start and footprint against the frameworks.
-	$(BIN)/cifar-onnx bench --data $(DATA) --out $(OUT)
+	$(BIN)/cifar-onnx bench $(DATA_OPTION) --out $(OUT)
 
 test: setup  ## Run the whole test suite (CI runs exactly this).
 	$(BIN)/python -m pytest

@@ -90,5 +90,5 @@ def export(framework, out, opset, checkpoint, output, force):
     checks = run_export(framework, source, path, opset)
     for line in summarize_export(path, checks):
         click.echo(line)
-    click.echo(f"next       cifar-onnx verify --out {out} --data <the data it was trained on>")
+    click.echo(f"next       cifar-onnx verify --out {out}")
     click.echo(f"           cifar-onnx classify IMAGES... --model {path}")

@@ -10,8 +10,9 @@ from pipeline.verify import DEFAULT_ATOL, DEFAULT_RTOL
 @click.option("--framework", type=click.Choice([*FRAMEWORKS, "both"]), default="both", show_default=True,
               help="Whose export to check and whose weights to move into the other build; "
                    "both means every framework with a checkpoint and an export under OUT.")
-@click.option("--data", default="cifar10", show_default=True,
-              help="Dataset source the models were trained on: cifar10, or a folder / .tar / .tar.gz.")
+@click.option("--data", default=None,
+              help="Dataset source the models were trained on: cifar10, or a folder / .tar / .tar.gz  "
+                   "[default: the source recorded in OUT/<framework>/metrics.json, else cifar10]")
 @click.option("--out", default="artifacts", show_default=True, type=click.Path(file_okay=False),
               help="Artifact folder with OUT/<framework>/ checkpoints and model.onnx; the report goes here.")
 @click.option("--atol", type=click.FloatRange(min=0), default=DEFAULT_ATOL, show_default=True,
@@ -39,6 +40,10 @@ def verify(framework, data, out, atol, rtol, samples):
         raise VerificationError("verify needs the onnx package and both frameworks: "
                                 "run pip install 'cifar-onnx[torch,keras]'")
 
+    if data is None:
+        from pipeline.bench import recorded_data_source
+
+        data = recorded_data_source(out) or "cifar10"
     frameworks = None if framework == "both" else [framework]
     report = run_verify(data, out, frameworks=frameworks, atol=atol, rtol=rtol, samples=samples)
     for check in report.checks:
