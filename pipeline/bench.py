@@ -30,6 +30,7 @@ import numpy as np
 
 from pipeline.bench_worker import TUTORIAL_AUGMENT, cyclic_batches, summarize, time_repeats
 from pipeline.frameworks import FRAMEWORKS
+from pipeline.training import write_text
 from serving.contract import META_ARCHITECTURE
 from serving.errors import CifarOnnxError
 
@@ -921,16 +922,10 @@ def format_markdown(report):
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path, text):
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def write_report(report, out):
     """Write OUT/bench.json and OUT/bench.md atomically; return their paths."""
     out = Path(out)
     json_path, markdown_path = out / JSON_NAME, out / MARKDOWN_NAME
-    _write_atomic(json_path, json.dumps(report, indent=2) + "\n")
-    _write_atomic(markdown_path, format_markdown(report))
+    write_text(json_path, json.dumps(report, indent=2) + "\n")
+    write_text(markdown_path, format_markdown(report))
     return json_path, markdown_path

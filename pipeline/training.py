@@ -204,7 +204,7 @@ def write_text(path, text):
     """Write `text` to `path` through a temporary file and os.replace, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
+    temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)
 
 

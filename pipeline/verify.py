@@ -10,7 +10,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import os
 import platform
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ import numpy as np
 from exporters.metadata import FULL_TEST_SPLIT, sha256_file
 from pipeline.compare import compare_outputs
 from pipeline.frameworks import FRAMEWORKS
+from pipeline.training import write_text
 from serving.contract import (
     CHANNELS, IMAGE_SIZE, INPUT_NAME, META_CHECKPOINT_SHA256, META_CLASS_NAMES, META_DATASET_FINGERPRINT,
     META_TEST_ACCURACY, META_TEST_ACCURACY_SCOPE,
@@ -361,12 +361,6 @@ def run_verify(data, out, *, frameworks=None, atol=DEFAULT_ATOL, rtol=DEFAULT_RT
     )
 
 
-def _write_atomic(path, text):
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def write_report(report, out):
     """Write OUT/verify.json and OUT/verify.md; return their paths."""
     out = Path(out)
@@ -380,7 +374,7 @@ def write_report(report, out):
         "files_sha256": report.files,
     }
     json_path, markdown_path = out / "verify.json", out / "verify.md"
-    _write_atomic(json_path, json.dumps(as_dict, indent=2, default=str) + "\n")
+    write_text(json_path, json.dumps(as_dict, indent=2, default=str) + "\n")
 
     settings = report.settings
     lines = [
@@ -400,5 +394,5 @@ def write_report(report, out):
     lines += [f"- {key}: {value}" for key, value in report.environment.items()]
     lines += ["", "## Files (sha256)", ""]
     lines += [f"- `{path}`: `{digest}`" for path, digest in report.files.items()]
-    _write_atomic(markdown_path, "\n".join(lines) + "\n")
+    write_text(markdown_path, "\n".join(lines) + "\n")
     return json_path, markdown_path
