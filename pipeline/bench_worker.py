@@ -13,7 +13,6 @@ Tasks:
 
 import argparse
 import csv
-import json
 import logging
 import os
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.training import write_json
 from serving.contract import MEAN, STD
 from serving.errors import CifarOnnxError
 
@@ -368,9 +368,7 @@ def main(argv=None):
                            arguments.work, arguments.architecture, arguments.limit, arguments.epochs,
                            arguments.device, arguments.mixed_precision)
 
-        temporary = Path(arguments.output).with_name(f".{Path(arguments.output).name}.tmp")
-        temporary.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(temporary, arguments.output)
+        write_json(arguments.output, result)
     except (CifarOnnxError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
