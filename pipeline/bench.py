@@ -605,7 +605,7 @@ def run_gpu_section(exports, data, out, architecture, images, work, sizes, cuda_
                 for provider in ("cpu", "cuda")
             }
         except CifarOnnxError as error:
-            # A GPU that PyTorch sees may still lack the CUDA libraries onnxruntime needs.
+            # A GPU that PyTorch detects may still lack the CUDA libraries onnxruntime needs.
             logger.warning("onnxruntime on CUDA failed for the %s export: %s", framework, error)
             section["onnxruntime"][framework] = {"error": str(error)}
     return section

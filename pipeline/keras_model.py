@@ -19,7 +19,7 @@ from pipeline.errors import TrainError  # noqa: E402
 from serving.contract import MEAN, STD  # noqa: E402
 
 CHECKPOINT_NAME = "model.keras"
-INFO_SUFFIX = ".json"  # the sidecar beside model.keras: model.json holds the checkpoint info
+INFO_SUFFIX = ".json"  # the sidecar beside model.keras: model.json contains the checkpoint info
 
 
 def build_model(architecture):

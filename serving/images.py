@@ -113,7 +113,7 @@ def _decode_reason(error):
     if isinstance(error, (EOFError, struct.error)):
         return f"truncated or damaged image data ({reason})"
     if "truncated" in reason.lower() and not reason.startswith("image file is truncated"):
-        return f"image file is truncated ({reason})"  # Pillow says "Truncated File Read" when the header is cut
+        return f"image file is truncated ({reason})"  # Pillow raises "Truncated File Read" when the header is cut
     return reason
 
 

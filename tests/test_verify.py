@@ -1,8 +1,8 @@
 """Verify: passes on honest exports and fails, naming the check, on every planted fault.
 
-A verification that cannot fail is worthless: each fault below is a real defect
+A verification that cannot fail is worthless. Each fault below is a real defect
 (a tampered weight, wrong normalisation, swapped channels, dropout left on, a
-transfer that forgets a transpose) and each must turn a passing report into a
+transfer that skips a transpose), and each must turn a passing report into a
 failing one that names the check it broke.
 """
 
