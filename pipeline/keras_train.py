@@ -19,7 +19,10 @@ from pipeline.keras_model import (
     CHECKPOINT_NAME, build_model, count_parameters, inference, keras, load_checkpoint, preprocess,
     save_checkpoint, tf,
 )
-from pipeline.recipe import AUGMENTATIONS, learning_rate_at, split_indices, steps_per_epoch, subset_indices
+from pipeline.recipe import (
+    ADAM_BETA2, ADAM_EPSILON, AUGMENTATIONS, learning_rate_at, schedule_tables, split_indices, steps_per_epoch,
+    subset_indices,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +64,9 @@ def train_model(dataset, architecture, recipe, out, device="auto", mixed_precisi
         [keras.Input(shape=net.input_shape[1:], dtype="uint8"), Augmentation(recipe), Preprocess(), net],
         name="trainer",
     )
+    total_steps = recipe.epochs * steps_per_epoch(sizes["train"], recipe.batch_size)
     trainer.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate_at(0, 1, recipe)),
+        optimizer=ScheduledAdam(recipe, total_steps),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=False,  # NOTE: XLA left off to keep the custom augmentation ops plain; its speed is not measured
@@ -83,14 +87,12 @@ def train_model(dataset, architecture, recipe, out, device="auto", mixed_precisi
                           recipe.batch_size, shuffle_seed=recipe.seed + state.epoch)
     val_data = _batches(dataset.train_images[validation_indices], dataset.train_labels[validation_indices],
                         recipe.eval_batch_size)
-    total_steps = recipe.epochs * steps_per_epoch(sizes["train"], recipe.batch_size)
     early_stopping = ResumableEarlyStopping(state, monitor="val_accuracy", mode="max", patience=recipe.patience)
     progress = ProgressBar(recipe, sizes["train"])
     callbacks = [
-        StepSchedule(recipe, total_steps),
         progress,
         early_stopping,  # before RunRecorder, which stores the counters it updates
-        RunRecorder(run_dir, state, net, info, recipe, progress),
+        RunRecorder(run_dir, state, net, info, recipe, progress, total_steps),
     ]
 
     with training.interrupts_raise():
@@ -221,17 +223,40 @@ class Preprocess(keras.layers.Layer):
         return preprocess(x)
 
 
-class StepSchedule(keras.callbacks.Callback):
-    """Set the learning rate before every batch from the recipe's per-step schedule."""
+class ScheduledAdam(keras.optimizers.Adam):
+    """Adam whose learning rate and beta1 follow the recipe's per-step tables.
+
+    Both are looked up from the step counter inside the compiled train step, so no
+    callback runs Python between batches to set them.
+    """
 
     def __init__(self, recipe, total_steps):
-        super().__init__()
-        self.recipe = recipe
-        self.total_steps = total_steps
+        learning_rates, beta1s = schedule_tables(total_steps, recipe)
+        super().__init__(learning_rate=StepTable(learning_rates), beta_2=ADAM_BETA2, epsilon=ADAM_EPSILON)
+        self._beta1s = beta1s
 
-    def on_train_batch_begin(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        self.model.optimizer.learning_rate.assign(learning_rate_at(step, self.total_steps, self.recipe))
+    @property
+    def beta_1(self):
+        step = keras.ops.minimum(keras.ops.cast(self.iterations, "int32"), len(self._beta1s) - 1)
+        return keras.ops.take(keras.ops.convert_to_tensor(self._beta1s), step)
+
+    @beta_1.setter
+    def beta_1(self, value):
+        """Ignore the constant Adam.__init__ stores: the table gives beta1."""
+
+
+class StepTable(keras.optimizers.schedules.LearningRateSchedule):
+    """A learning-rate schedule that reads one precomputed value per optimizer step."""
+
+    def __init__(self, values):
+        self.values = np.asarray(values, dtype=np.float32)
+
+    def __call__(self, step):
+        index = keras.ops.minimum(keras.ops.cast(step, "int32"), len(self.values) - 1)
+        return keras.ops.take(keras.ops.convert_to_tensor(self.values), index)
+
+    def get_config(self):
+        return {"values": self.values.tolist()}
 
 
 class ProgressBar(keras.callbacks.Callback):
@@ -281,8 +306,9 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 class RunRecorder(keras.callbacks.Callback):
     """After each epoch: log the epoch line, keep the best model.keras, write resume state and history."""
 
-    def __init__(self, run_dir, state, net, info, recipe, progress):
+    def __init__(self, run_dir, state, net, info, recipe, progress, total_steps):
         super().__init__()
+        self.total_steps = total_steps
         self.run_dir = run_dir
         self.state = state
         self.net = net
@@ -296,7 +322,7 @@ class RunRecorder(keras.callbacks.Callback):
         train_seconds = progress.train_seconds or (now - progress.started)
         row = training.epoch_row(
             epoch + 1, logs["loss"], logs["accuracy"], logs["val_loss"], logs["val_accuracy"],
-            float(self.model.optimizer.learning_rate.numpy()), progress.train_size, now - progress.started,
+            self._last_learning_rate(), progress.train_size, now - progress.started,
             train_seconds,
         )
         # Keep the epoch before reporting it, so a logged epoch is always resumable.
@@ -308,6 +334,12 @@ class RunRecorder(keras.callbacks.Callback):
             training.write_state(self.run_dir, self.state)
             training.write_history(self.run_dir, self.state.history)
             logger.info(training.format_epoch(row, self.recipe.epochs))
+
+
+    def _last_learning_rate(self):
+        """Return the rate the epoch's last step used, as the torch stage reports it."""
+        steps = int(self.model.optimizer.iterations.numpy())
+        return learning_rate_at(steps - 1, self.total_steps, self.recipe)
 
 
 def _float32_copy(net):
