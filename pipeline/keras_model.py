@@ -37,6 +37,11 @@ def build_model(architecture):
     return keras.Model(inputs, x, name=spec.name)
 
 
+def _kernel_initializer():
+    """Uniform, bound 1 / sqrt(fan_in) (KERNEL_INIT): sqrt(3 * scale / fan_in) with scale 1/3."""
+    return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
+
+
 def _build_layer(layer, spec):
     """Return the keras layer for one LayerSpec."""
     if layer.kind == arch.CONV:
@@ -44,9 +49,7 @@ def _build_layer(layer, spec):
             layer.filters,
             layer.kernel_size,
             padding=spec.padding,
-            # He normal, fan_in = in_channels * kh * kw, untruncated (CONV_INIT);
-            # keras.initializers.HeNormal would draw from a truncated normal.
-            kernel_initializer=keras.initializers.VarianceScaling(2.0, "fan_in", "untruncated_normal"),
+            kernel_initializer=_kernel_initializer(),
             bias_initializer="zeros",
             name=layer.name,
         )
@@ -67,7 +70,7 @@ def _build_layer(layer, spec):
         return keras.layers.GlobalAveragePooling2D(name=layer.name)
     if layer.kind == arch.DENSE:
         return keras.layers.Dense(
-            layer.units, kernel_initializer="glorot_uniform", bias_initializer="zeros", name=layer.name
+            layer.units, kernel_initializer=_kernel_initializer(), bias_initializer="zeros", name=layer.name
         )
     raise TrainError(f"layer {layer.name!r} has unknown kind {layer.kind!r}: expected one of {arch.LAYER_KINDS}")
 

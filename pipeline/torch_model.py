@@ -5,6 +5,7 @@ framework's: NCHW layout, BatchNorm momentum convention, state_dict checkpoints.
 Only the training-side commands import this module (it imports torch).
 """
 
+import math
 import os
 import pickle
 from collections import OrderedDict
@@ -86,12 +87,9 @@ class GlobalAvgPool(nn.Module):
 def _initialise(net, spec):
     """Draw the initial weights from the distributions pinned in pipeline/architectures.py."""
     for module in net.modules():
-        if isinstance(module, nn.Conv2d):
-            # He normal, fan_in = in_channels * kh * kw, untruncated (CONV_INIT).
-            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)  # Glorot uniform (DENSE_INIT)
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            # Uniform, bound 1 / sqrt(fan_in) (KERNEL_INIT): a = sqrt(5) makes kaiming's gain sqrt(1/3).
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.BatchNorm2d):
             module.reset_parameters()  # scale 1, shift 0, running mean 0, running variance 1

@@ -20,16 +20,30 @@ from pipeline.recipe import AUGMENTATIONS, Recipe, beta1_at, learning_rate_at, s
 REPOSITORY = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = """
 import json, sys
+import numpy as np
 framework, name = sys.argv[1], sys.argv[2]
+kernels = {}  # layer name -> (kernel, bias, fan_in) of every conv and dense layer, freshly initialised
 if framework == "torch":
     from pipeline.torch_model import build_model, count_parameters
     net = build_model(name)
     names = sorted({key.split(".")[0] for key in net.state_dict()})
+    for key, module in net.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is not None and weight.dim() in (2, 4):  # dense [out, in], conv [out, in, kh, kw]
+            kernel = weight.detach().numpy()
+            kernels[key.split(".")[-1]] = (kernel, module.bias.detach().numpy(), int(np.prod(kernel.shape[1:])))
 else:
     from pipeline.keras_model import build_model, count_parameters
     net = build_model(name)
     names = sorted(layer.name for layer in net.layers if layer.weights)
-print(json.dumps({"parameters": count_parameters(net), "names": names}))
+    for layer in net.layers:
+        if hasattr(layer, "kernel"):  # dense [in, out], conv [kh, kw, in, out]
+            kernel = layer.kernel.numpy()
+            kernels[layer.name] = (kernel, layer.bias.numpy(), int(np.prod(kernel.shape[:-1])))
+init = {layer: {"fan_in": fan_in, "max_over_bound": float(np.abs(kernel).max() * np.sqrt(fan_in)),
+                "std_over_bound": float(kernel.std() * np.sqrt(fan_in)), "bias_max": float(np.abs(bias).max())}
+        for layer, (kernel, bias, fan_in) in kernels.items()}
+print(json.dumps({"parameters": count_parameters(net), "names": names, "init": init}))
 """
 
 
@@ -56,6 +70,20 @@ def test_builds_name_parameters_by_spec(framework):
     spec = arch.get_architecture(arch.DEFAULT_ARCHITECTURE)
     build = _build_in_subprocess(framework, spec.name)
     assert build["names"] == sorted(layer.name for layer in spec.parametrised_layers())
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_builds_draw_kernels_from_the_pinned_distribution(framework):
+    # Every kernel uniform on [-b, b], b = 1 / sqrt(fan_in): its largest value is near b and
+    # its standard deviation b / sqrt(3). He normal (std sqrt(2) b) or Glorot would fail here.
+    spec = arch.get_architecture(arch.DEFAULT_ARCHITECTURE)
+    init = _build_in_subprocess(framework, spec.name)["init"]
+    kernel_layers = [layer.name for layer in spec.layers if layer.kind in (arch.CONV, arch.DENSE)]
+    assert sorted(init) == sorted(kernel_layers)
+    for name, stats in init.items():
+        assert 0.9 < stats["max_over_bound"] <= 1.0 + 1e-6, name
+        assert stats["std_over_bound"] == pytest.approx(1 / math.sqrt(3), rel=0.1), name
+        assert stats["bias_max"] == 0.0, name
 
 
 def test_parameter_count_of_cnn_3block():
