@@ -480,8 +480,8 @@ def measure_folder(folder, count, export, torch_checkpoint, work, sizes):
 
 
 def measure_training(framework, data, out, architecture, work, sizes, device="cpu", mixed_precision=False,
-                     styles=("ours", "tutorial")):
-    """Return training images/s (epochs after the first) of our stage and of the tutorial-style code."""
+                     styles=("ours", "tutorial", "model-step")):
+    """Return training images/s (epochs after the first) of each style: our stage, the tutorial, the model step."""
     results = {}
     for style in styles:
         run_work = Path(work) / f"train-{framework}-{style}-{device}-{int(mixed_precision)}"
@@ -829,6 +829,11 @@ def table_rows(report):
                      _stat(ours["images_per_second"]), _stat(tutorial["images_per_second"]),
                      f"{ours['images_per_second']['median'] / tutorial['images_per_second']['median']:.2f}x",
                      verdict(f"{framework}: training, our stage vs the tutorial style")])
+        if "model-step" in training:
+            ceiling = training["model-step"]["images_per_second"]
+            rows.append([f"{framework} training, model step alone on prepared batches vs tutorial style (the most "
+                         "any training code could gain)", _stat(ceiling), _stat(tutorial["images_per_second"]),
+                         f"{ceiling['median'] / tutorial['images_per_second']['median']:.2f}x", ""])
     footprint = report["footprint"]
     venv_bytes = footprint["predictor_venv"]["bytes"]
     for root in ("torch", "tensorflow"):
@@ -902,6 +907,7 @@ def format_markdown(report):
     lines.append(f"- Decoding alone ran at {folder['decode_images_per_second_one_thread']['median']:,.0f} images/s "
                  f"on one thread; classify's own loop at {folder['classify']['loop_images_per_second']['median']:,.0f}"
                  " images/s.")
+    lines += training_limits(report)
     lines += ["", f"## Where onnxruntime's time goes at batch {TARGET_BATCH}", "",
               "Share of kernel time by operator type, from onnxruntime's profiler:", ""]
     for framework, flops in report["flops"].items():
@@ -920,6 +926,25 @@ def format_markdown(report):
             lines.append(f"- {root}, {footprint[root]['bytes'] / 1e6:,.0f} MB in all: {packages}")
     lines += ["", f"Every raw figure is in `{JSON_NAME}` beside this file."]
     return "\n".join(lines) + "\n"
+
+
+def training_limits(report):
+    """Return bench.md lines that place each training style against the model step alone."""
+    lines = []
+    for framework, training in report["training"].items():
+        if "model-step" not in training:
+            continue
+        if not lines:
+            lines += ["", "## Training throughput limits measured in this run", "",
+                      "The model step alone (forward, backward and Adam on normalised batches prepared in memory, "
+                      "no augmentation, no loader) bounds what any training code reaches on this machine.", ""]
+        ceiling = training["model-step"]["images_per_second"]["median"]
+        ours = training["ours"]["images_per_second"]["median"]
+        tutorial = training["tutorial"]["images_per_second"]["median"]
+        lines.append(f"- {framework}: the model step alone runs {ceiling:,.0f} images/s; our stage reaches "
+                     f"{ours / ceiling:.0%} of it and the tutorial style {tutorial / ceiling:.0%}, so a stage "
+                     f"with no cost outside the model step would be {ceiling / tutorial:.2f}x the tutorial.")
+    return lines
 
 
 def write_report(report, out):

@@ -192,7 +192,8 @@ def test_bench_quick_reports_every_section(shared_tarball, exported_out):
         training = report["training"][framework]
         assert _positive(training["ours"]["images_per_second"])
         assert _positive(training["tutorial"]["images_per_second"])
-        assert training["ours"]["images"] == training["tutorial"]["images"]
+        assert _positive(training["model-step"]["images_per_second"])
+        assert training["ours"]["images"] == training["tutorial"]["images"] == training["model-step"]["images"]
         assert _positive(report["cold_start"][f"classify_{framework}_export"])
         assert _positive(report["cold_start"][f"{framework}_script"])
     # One architecture: both exporters' graphs must do the same arithmetic.
@@ -225,5 +226,6 @@ def test_bench_quick_reports_every_section(shared_tarball, exported_out):
     assert "| measurement | ours | baseline | ratio | target |" in markdown
     assert "## Targets" in markdown
     assert "## Where onnxruntime's time goes" in markdown
+    assert "## Training throughput limits measured in this run" in markdown
     assert "measurement" in result.stdout.splitlines()[0]
     assert "targets met; report:" in result.stdout
