@@ -20,8 +20,8 @@ from pipeline.keras_model import (
     save_checkpoint, tf,
 )
 from pipeline.recipe import (
-    ADAM_BETA2, ADAM_EPSILON, AUGMENTATIONS, learning_rate_at, schedule_tables, split_indices, steps_per_epoch,
-    subset_indices,
+    ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, AUGMENTATIONS, learning_rate_at, learning_rate_table, split_indices,
+    steps_per_epoch, subset_indices,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def train_model(dataset, architecture, recipe, out, device="auto", mixed_precisi
     )
     total_steps = recipe.epochs * steps_per_epoch(sizes["train"], recipe.batch_size)
     trainer.compile(
-        optimizer=ScheduledAdam(recipe, total_steps),
+        optimizer=make_optimizer(total_steps, recipe),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=False,  # NOTE: XLA left off to keep the custom augmentation ops plain; its speed is not measured
@@ -223,26 +223,14 @@ class Preprocess(keras.layers.Layer):
         return preprocess(x)
 
 
-class ScheduledAdam(keras.optimizers.Adam):
-    """Adam whose learning rate and beta1 follow the recipe's per-step tables.
+def make_optimizer(total_steps, recipe):
+    """Return Adam whose learning rate follows the recipe's schedule, one table entry per step.
 
-    Both are looked up from the step counter inside the compiled train step, so no
-    callback runs Python between batches to set them.
+    The rate is looked up from the step counter inside the compiled train step, so no
+    callback runs Python between batches to set it.
     """
-
-    def __init__(self, recipe, total_steps):
-        learning_rates, beta1s = schedule_tables(total_steps, recipe)
-        super().__init__(learning_rate=StepTable(learning_rates), beta_2=ADAM_BETA2, epsilon=ADAM_EPSILON)
-        self._beta1s = beta1s
-
-    @property
-    def beta_1(self):
-        step = keras.ops.minimum(keras.ops.cast(self.iterations, "int32"), len(self._beta1s) - 1)
-        return keras.ops.take(keras.ops.convert_to_tensor(self._beta1s), step)
-
-    @beta_1.setter
-    def beta_1(self, value):
-        """Ignore the constant Adam.__init__ stores: the table gives beta1."""
+    return keras.optimizers.Adam(learning_rate=StepTable(learning_rate_table(total_steps, recipe)),
+                                 beta_1=ADAM_BETA1, beta_2=ADAM_BETA2, epsilon=ADAM_EPSILON)
 
 
 class StepTable(keras.optimizers.schedules.LearningRateSchedule):

@@ -18,7 +18,7 @@ from pipeline.torch_model import (
 from pipeline import training  # noqa: I001
 from pipeline.errors import TrainError
 from pipeline.recipe import (
-    ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, AUGMENTATIONS, beta1_at, learning_rate_at, split_indices, steps_per_epoch,
+    ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, AUGMENTATIONS, learning_rate_at, split_indices, steps_per_epoch,
     subset_indices,
 )
 
@@ -54,12 +54,13 @@ def train_model(dataset, architecture, recipe, out, device="auto", mixed_precisi
     train_images, train_labels = _to_device(dataset.train_images, dataset.train_labels, train_indices, device)
     val_images, val_labels = _to_device(dataset.train_images, dataset.train_labels, validation_indices, device)
 
-    # Model, optimizer and the per-step schedule of learning rate and beta1.
+    # Model, optimizer and the per-step learning-rate schedule.
     torch.manual_seed(recipe.seed)
     # channels_last matches preprocess' NHWC -> NCHW view and runs faster in oneDNN and cuDNN.
     net = build_model(architecture).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(net.parameters(), lr=recipe.lr, betas=(ADAM_BETA1, ADAM_BETA2), eps=ADAM_EPSILON)
-    scheduler = StepSchedule(optimizer, recipe.epochs * steps_per_epoch(sizes["train"], recipe.batch_size), recipe)
+    optimizer, scheduler = make_optimizer(
+        net.parameters(), recipe.epochs * steps_per_epoch(sizes["train"], recipe.batch_size), recipe
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
     state = training.RunState(architecture, recipe.to_dict(), dataset.fingerprint)
@@ -153,37 +154,13 @@ def _run_epoch(epoch, net, optimizer, scheduler, scaler, autocast_dtype, recipe,
     )
 
 
-class StepSchedule:
-    """Set every parameter group's learning rate and Adam beta1 for the next optimizer step.
-
-    The recipe's per-step functions give both values; `step()` follows each optimizer
-    step, and the state (the step count) is saved with the resume checkpoint.
-    """
-
-    def __init__(self, optimizer, total_steps, recipe):
-        self.optimizer = optimizer
-        self.total_steps = total_steps
-        self.recipe = recipe
-        self.steps_done = 0
-        self._apply()
-
-    def step(self):
-        self.steps_done += 1
-        self._apply()
-
-    def state_dict(self):
-        return {"steps_done": self.steps_done}
-
-    def load_state_dict(self, state):
-        self.steps_done = int(state["steps_done"])
-        self._apply()
-
-    def _apply(self):
-        lr = learning_rate_at(self.steps_done, self.total_steps, self.recipe)
-        beta1 = beta1_at(self.steps_done, self.total_steps, self.recipe)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-            group["betas"] = (beta1, ADAM_BETA2)
+def make_optimizer(parameters, total_steps, recipe):
+    """Return (Adam, a LambdaLR that sets each step's learning rate from the recipe's schedule)."""
+    optimizer = torch.optim.Adam(parameters, lr=recipe.lr, betas=(ADAM_BETA1, ADAM_BETA2), eps=ADAM_EPSILON)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_at(step, total_steps, recipe) / recipe.lr
+    )
+    return optimizer, scheduler
 
 
 @torch.inference_mode()

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline import architectures as arch
 from pipeline.errors import TrainError
-from pipeline.recipe import AUGMENTATIONS, Recipe, beta1_at, learning_rate_at, split_indices, subset_indices
+from pipeline.recipe import AUGMENTATIONS, Recipe, learning_rate_at, split_indices, subset_indices
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = """
@@ -185,19 +185,6 @@ def test_one_cycle_schedule_shape():
     falling = [learning_rate_at(step, total, recipe) for step in range(300, 1001, 50)]
     assert rising == sorted(rising)
     assert falling == sorted(falling, reverse=True)
-
-
-def test_one_cycle_moves_beta1_against_the_learning_rate():
-    recipe = Recipe(epochs=10)
-    total = 1000
-    assert math.isclose(beta1_at(0, total, recipe), recipe.beta1_high)
-    assert math.isclose(beta1_at(300, total, recipe), recipe.beta1_low)
-    assert math.isclose(beta1_at(total, total, recipe), recipe.beta1_high)
-    falling = [beta1_at(step, total, recipe) for step in range(0, 301, 50)]
-    rising = [beta1_at(step, total, recipe) for step in range(300, 1001, 50)]
-    assert falling == sorted(falling, reverse=True)
-    assert rising == sorted(rising)
-    assert beta1_at(500, 1000, Recipe(schedule="cosine")) == 0.9
 
 
 def test_cosine_schedule_ends_at_zero():

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.recipe import Recipe, beta1_at, learning_rate_at, steps_per_epoch
+from pipeline.recipe import Recipe, learning_rate_at, steps_per_epoch
 from serving.contract import CIFAR10_CLASSES
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -299,19 +299,18 @@ recipe = Recipe()
 gradients = np.random.default_rng(0).normal(size=(total, 6)).astype(np.float32)
 values = []
 if framework == "torch":
-    from pipeline.torch_train import ADAM_BETA2, ADAM_EPSILON, StepSchedule, torch
+    from pipeline.torch_train import make_optimizer, torch
     weight = torch.nn.Parameter(torch.zeros(6))
-    optimizer = torch.optim.Adam([weight], lr=recipe.lr, betas=(0.9, ADAM_BETA2), eps=ADAM_EPSILON)
-    schedule = StepSchedule(optimizer, total, recipe)
+    optimizer, scheduler = make_optimizer([weight], total, recipe)
     for gradient in gradients:
         weight.grad = torch.from_numpy(gradient)
         optimizer.step()
-        schedule.step()
+        scheduler.step()
         values.append(weight.detach().numpy().tolist())
 else:
-    from pipeline.keras_train import ScheduledAdam, keras, tf
+    from pipeline.keras_train import keras, make_optimizer, tf
     weight = keras.Variable(np.zeros(6, np.float32))
-    optimizer = ScheduledAdam(recipe, total)
+    optimizer = make_optimizer(total, recipe)
     step = tf.function(lambda gradient: optimizer.apply_gradients([(gradient, weight)]))  # traced once
     for gradient in gradients:
         step(tf.constant(gradient))
@@ -320,13 +319,13 @@ print(json.dumps({"gradients": gradients.tolist(), "weights": values}))
 """
 
 
-def _adam_reference(gradients, learning_rates, beta1s, beta2=0.999):
-    """Adam written out in numpy, with the per-step learning rate and beta1 given."""
+def _adam_reference(gradients, learning_rates, beta1=0.9, beta2=0.999):
+    """Adam written out in numpy, with the learning rate of each step given."""
     weight = np.zeros(gradients.shape[1])
     first = np.zeros_like(weight)
     second = np.zeros_like(weight)
     weights = []
-    for step, (gradient, lr, beta1) in enumerate(zip(gradients, learning_rates, beta1s), start=1):
+    for step, (gradient, lr) in enumerate(zip(gradients, learning_rates), start=1):
         first = beta1 * first + (1 - beta1) * gradient
         second = beta2 * second + (1 - beta2) * gradient**2
         weight = weight - lr * (first / (1 - beta1**step)) / np.sqrt(second / (1 - beta2**step))
@@ -344,9 +343,12 @@ def test_optimizer_follows_the_recipe_schedule_per_step(framework):
     total = len(gradients)
     recipe = Recipe()
     learning_rates = [learning_rate_at(step, total, recipe) for step in range(total)]
-    expected = _adam_reference(gradients, learning_rates, [beta1_at(step, total, recipe) for step in range(total)])
-    fixed_beta1 = _adam_reference(gradients, learning_rates, [0.9] * total)
+    expected = _adam_reference(gradients, learning_rates)
     weights = np.array(run["weights"])
     np.testing.assert_allclose(weights, expected, rtol=1e-4, atol=1e-6)
-    # The check can tell: a beta1 left at Adam's constant ends elsewhere.
-    assert np.abs(fixed_beta1 - expected).max() > 100 * np.abs(weights - expected).max()
+    # The check can tell: the schedule one step late, or a rate frozen at its first value, ends elsewhere.
+    deviation = np.abs(weights - expected).max()
+    late = _adam_reference(gradients, [learning_rates[0], *learning_rates[:-1]])
+    frozen = _adam_reference(gradients, [learning_rates[0]] * total)
+    assert np.abs(late - expected).max() > 100 * deviation
+    assert np.abs(frozen - expected).max() > 100 * deviation
