@@ -257,10 +257,10 @@ def _train_tutorial_keras(dataset, indices, architecture, recipe):
 
 def _model_step_torch(dataset, indices, architecture, recipe):
     """Time forward, backward and Adam alone on normalised batches prepared before the clock starts."""
-    import torch
-    import torch.nn.functional as F
+    # pipeline.torch_model first: it sets the OpenMP wait policy our stage runs with before torch loads.
+    from pipeline.torch_model import build_model, preprocess, torch
 
-    from pipeline.torch_model import build_model, preprocess
+    import torch.nn.functional as F
 
     torch.manual_seed(recipe.seed)
     net = build_model(architecture).to(memory_format=torch.channels_last)
