@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 # ours: the project's training stage. tutorial: the tutorial's way of training. model-step:
 # forward, backward and Adam alone on batches prepared in memory, with no augmentation and
-# no loader. No training code with this network runs faster on this machine.
+# no loader: the work every training loop repeats, with nothing around it.
 TRAIN_STYLES = ("ours", "tutorial", "model-step")
 # Each framework's tutorial augments differently; our stage runs the same transforms,
 # so a comparison measures the training code, not the amount of augmentation.
