@@ -833,7 +833,7 @@ def table_rows(report):
             step_alone = training["model-step"]["images_per_second"]
             rows.append([f"{framework} training, the model step alone on prepared batches vs tutorial style",
                          _stat(step_alone), _stat(tutorial["images_per_second"]),
-                         f"{step_alone["median"] / tutorial['images_per_second']['median']:.2f}x", ""])
+                         f"{step_alone['median'] / tutorial['images_per_second']['median']:.2f}x", ""])
     footprint = report["footprint"]
     venv_bytes = footprint["predictor_venv"]["bytes"]
     for root in ("torch", "tensorflow"):
