@@ -30,12 +30,16 @@ def _constant_arrays(model):
 
 
 def perturb_first_conv_weight(path, delta=1e-2):
-    """Add `delta` to one element of the first Conv's kernel."""
+    """Add `delta` to one weight of every output channel of the first Conv's kernel (OIHW).
+
+    One channel alone may be dead after ReLU in a briefly trained model, and then its
+    change cannot reach the logits; every channel at once cannot all be.
+    """
     model = onnx.load(path)
     conv = next(node for node in model.graph.node if node.op_type == "Conv")
     initializer = _initializers(model)[conv.input[1]]
     kernel = numpy_helper.to_array(initializer).copy()
-    kernel.flat[0] += delta
+    kernel[:, 0, 0, 0] += delta
     initializer.CopyFrom(numpy_helper.from_array(kernel, initializer.name))
     onnx.save(model, path)
 
