@@ -39,9 +39,9 @@ PADDING = "same"
 # for a conv and in_features for a dense layer; every bias zeros; BatchNorm scale 1,
 # shift 0, running mean 0, running variance 1. The kernels are PyTorch's own default
 # (kaiming_uniform_ with a = sqrt(5)); Keras: VarianceScaling(1/3, "fan_in", "uniform").
-# Measured with cnn-3block, the default recipe and 10 epochs on the JPEG copy (PyTorch):
+# Measured with PyTorch, cnn-3block, the default recipe and 10 epochs on the JPEG copy.
 # He normal kernels (std sqrt(2 / fan_in)) reached 78.5% and 78.9% test accuracy, Glorot
-# uniform 79.5%, this one 79.6%: the smaller start trains faster in short runs.
+# uniform 79.5%, and this one 79.8%. The smaller start trains faster in short runs.
 KERNEL_INIT = "uniform_fan_in"
 
 

@@ -32,8 +32,8 @@ def _constant_arrays(model):
 def perturb_first_conv_weight(path, delta=1e-2):
     """Add `delta` to one weight of every output channel of the first Conv's kernel (OIHW).
 
-    One channel alone may be dead after ReLU in a briefly trained model, and then its
-    change cannot reach the logits; every channel at once cannot all be.
+    In a briefly trained model one channel may be dead after ReLU, so a change to it
+    alone never reaches the logits. Every channel at once cannot be dead.
     """
     model = onnx.load(path)
     conv = next(node for node in model.graph.node if node.op_type == "Conv")

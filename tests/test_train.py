@@ -274,12 +274,17 @@ print(json.dumps({
 """
 
 
-@pytest.mark.parametrize("framework", ["torch", "keras"])
-def test_augmentation_policies(framework):
-    result = subprocess.run([sys.executable, "-c", AUGMENT_SCRIPT, framework], capture_output=True, text=True,
+def _script_result(script, framework):
+    """Run `script` with `framework` as its argument in a fresh interpreter; return its last line as JSON."""
+    result = subprocess.run([sys.executable, "-c", script, framework], capture_output=True, text=True,
                             cwd=REPOSITORY, timeout=300)
     assert result.returncode == 0, result.stderr
-    checks = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_augmentation_policies(framework):
+    checks = _script_result(AUGMENT_SCRIPT, framework)
     assert checks["dtype"] == "float32"
     assert checks["shape"] == [16, 32, 32, 3]
     assert checks["windows"]  # every crop-flip output is a 32x32 window of the padded image, maybe mirrored
@@ -335,10 +340,7 @@ def _adam_reference(gradients, learning_rates, beta1=0.9, beta2=0.999):
 
 @pytest.mark.parametrize("framework", ["torch", "keras"])
 def test_optimizer_follows_the_recipe_schedule_per_step(framework):
-    result = subprocess.run([sys.executable, "-c", OPTIMIZER_SCRIPT, framework], capture_output=True, text=True,
-                            cwd=REPOSITORY, timeout=300)
-    assert result.returncode == 0, result.stderr
-    run = json.loads(result.stdout.strip().splitlines()[-1])
+    run = _script_result(OPTIMIZER_SCRIPT, framework)
     gradients = np.array(run["gradients"])
     total = len(gradients)
     recipe = Recipe()
