@@ -323,7 +323,6 @@ class RunRecorder(keras.callbacks.Callback):
             training.write_history(self.run_dir, self.state.history)
             logger.info(training.format_epoch(row, self.recipe.epochs))
 
-
     def _last_learning_rate(self):
         """Return the rate the epoch's last step used, as the torch stage reports it."""
         steps = int(self.model.optimizer.iterations.numpy())
