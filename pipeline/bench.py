@@ -907,7 +907,7 @@ def format_markdown(report):
     lines.append(f"- Decoding alone ran at {folder['decode_images_per_second_one_thread']['median']:,.0f} images/s "
                  f"on one thread; classify's own loop at {folder['classify']['loop_images_per_second']['median']:,.0f}"
                  " images/s.")
-    lines += training_limits(report)
+    lines += model_step_shares(report)
     lines += ["", f"## Where onnxruntime's time goes at batch {TARGET_BATCH}", "",
               "Share of kernel time by operator type, from onnxruntime's profiler:", ""]
     for framework, flops in report["flops"].items():
@@ -928,7 +928,7 @@ def format_markdown(report):
     return "\n".join(lines) + "\n"
 
 
-def training_limits(report):
+def model_step_shares(report):
     """Return bench.md lines that place each training style against the model step alone."""
     lines = []
     for framework, training in report["training"].items():

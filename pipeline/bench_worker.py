@@ -28,8 +28,8 @@ from serving.errors import CifarOnnxError
 logger = logging.getLogger(__name__)
 
 # ours: the project's training stage. tutorial: the tutorial's way of training. model-step:
-# forward, backward and Adam alone on batches prepared in memory, with no augmentation and
-# no loader: the work every training loop repeats, with nothing around it.
+# forward, backward and Adam alone on batches prepared in memory, without augmentation or
+# a loader, which is the work every training loop repeats.
 TRAIN_STYLES = ("ours", "tutorial", "model-step")
 # Each framework's tutorial augments differently; our stage runs the same transforms,
 # so a comparison measures the training code, not the amount of augmentation.
@@ -242,22 +242,15 @@ def _train_tutorial_keras(dataset, indices, architecture, recipe):
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=LEARNING_RATE),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
 
-    class EpochTimer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            rates.append(len(labels) / (time.perf_counter() - self.started))
-
     rates = []
     model.fit(pixels, labels, batch_size=recipe.batch_size, epochs=recipe.epochs, shuffle=True, verbose=0,
-              callbacks=[EpochTimer()])
+              callbacks=[_epoch_rate_callback(keras, len(labels), rates)])
     return rates
 
 
 def _model_step_torch(dataset, indices, architecture, recipe):
     """Time forward, backward and Adam alone on normalised batches prepared before the clock starts."""
-    # pipeline.torch_model first: it sets the OpenMP wait policy our stage runs with before torch loads.
+    # Import pipeline.torch_model first, because it sets our stage's OpenMP wait policy before torch loads.
     from pipeline.torch_model import build_model, preprocess, torch
 
     import torch.nn.functional as F

@@ -10,7 +10,7 @@ import click
 @click.option("--out", default="artifacts", show_default=True, type=click.Path(file_okay=False),
               help="Artifact folder with OUT/<framework>/ checkpoints and model.onnx; the report goes here.")
 @click.option("--quick", is_flag=True,
-              help="Run every measurement on small sizes (about 70 s on 2 cores); the figures are no record.")
+              help="Run every measurement on small sizes (about 70 s on 2 cores); its figures are not a record.")
 def bench(data, out, quick):
     """Measure the pipeline side by side with what a framework user would run instead.
 

@@ -16,10 +16,10 @@ SCHEDULES = ("one-cycle", "cosine")
 
 # Adam's constants, the same in both frameworks. Keras adds epsilon to sqrt(v) before
 # bias correction and PyTorch after it, so their effective epsilons differ by a factor
-# sqrt(1 - beta2**step) that nears 1 after a few thousand steps; Keras' 1e-7 is used in
-# both. Cycling beta1 between 0.95 and 0.85 against the learning rate, as OneCycleLR
-# does, was measured with PyTorch (10 epochs, validation accuracy 78.9% with and without
-# it) and left out.
+# sqrt(1 - beta2**step) that nears 1 after a few thousand steps. Both use Keras' 1e-7.
+# Cycling beta1 between 0.95 and 0.85 against the learning rate, as OneCycleLR does, was
+# measured with PyTorch (10 epochs, validation accuracy 78.9% with and without it) and
+# left out.
 ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.999
 ADAM_EPSILON = 1e-7

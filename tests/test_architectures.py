@@ -73,7 +73,7 @@ def test_builds_name_parameters_by_spec(framework):
 
 
 @pytest.mark.parametrize("framework", ["torch", "keras"])
-def test_builds_draw_kernels_from_the_pinned_distribution(framework):
+def test_kernels_follow_pinned_distribution(framework):
     # Every kernel uniform on [-b, b], b = 1 / sqrt(fan_in): its largest value is near b and
     # its standard deviation b / sqrt(3). He normal (std sqrt(2) b) or Glorot would fail here.
     spec = arch.get_architecture(arch.DEFAULT_ARCHITECTURE)

@@ -275,7 +275,7 @@ print(json.dumps({
 
 
 def _script_result(script, framework):
-    """Run `script` with `framework` as its argument in a fresh interpreter; return its last line as JSON."""
+    """Run `script` with `framework` as its argument in a fresh interpreter and parse its last line as JSON."""
     result = subprocess.run([sys.executable, "-c", script, framework], capture_output=True, text=True,
                             cwd=REPOSITORY, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -325,7 +325,7 @@ print(json.dumps({"gradients": gradients.tolist(), "weights": values}))
 
 
 def _adam_reference(gradients, learning_rates, beta1=0.9, beta2=0.999):
-    """Adam written out in numpy, with the learning rate of each step given."""
+    """Return the weights after each step of Adam written out in numpy, given each step's learning rate."""
     weight = np.zeros(gradients.shape[1])
     first = np.zeros_like(weight)
     second = np.zeros_like(weight)
@@ -339,7 +339,7 @@ def _adam_reference(gradients, learning_rates, beta1=0.9, beta2=0.999):
 
 
 @pytest.mark.parametrize("framework", ["torch", "keras"])
-def test_optimizer_follows_the_recipe_schedule_per_step(framework):
+def test_optimizer_follows_step_schedule(framework):
     run = _script_result(OPTIMIZER_SCRIPT, framework)
     gradients = np.array(run["gradients"])
     total = len(gradients)
