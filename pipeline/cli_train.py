@@ -15,7 +15,7 @@ from pipeline.training import DEVICES
 
 _DEFAULTS = Recipe()
 # Recipe fields set by options; an option left at its default keeps a resumed run's saved value.
-_RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "schedule", "seed", "limit", "augment")
+_RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "schedule", "label_smoothing", "seed", "limit", "augment")
 
 
 @click.command()
@@ -30,6 +30,9 @@ _RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "schedule", "seed", "limit", "a
               help=f"Base Adam learning rate; one-cycle peaks at {_DEFAULTS.peak_factor:g}x this.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=_DEFAULTS.schedule, show_default=True,
               help="Learning-rate schedule, stepped once per batch.")
+@click.option("--label-smoothing", type=click.FloatRange(min=0, max=1, max_open=True),
+              default=_DEFAULTS.label_smoothing, show_default=True,
+              help="Training targets become (1 - s) * one-hot + s / 10. Validation and test loss use plain labels.")
 @click.option("--augment", type=click.Choice(tuple(AUGMENTATIONS)), default=_DEFAULTS.augment,
               show_default=True, help="Training augmentation policy, applied batch-wise on the device.")
 @click.option("--seed", type=click.IntRange(min=0), default=_DEFAULTS.seed, show_default=True,

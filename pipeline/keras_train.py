@@ -67,8 +67,10 @@ def train_model(dataset, architecture, recipe, out, device="auto", mixed_precisi
     total_steps = recipe.epochs * steps_per_epoch(sizes["train"], recipe.batch_size)
     trainer.compile(
         optimizer=make_optimizer(total_steps, recipe),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        loss=smoothed_cross_entropy(recipe.label_smoothing, net.output_shape[-1]),
+        # Validation loss is plain cross-entropy, as in the torch stage, because only training smooths labels.
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                 keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="cross_entropy")],
         jit_compile=False,  # NOTE: XLA left off to keep the custom augmentation ops plain; its speed is not measured
     )
     if resume:
@@ -223,6 +225,22 @@ class Preprocess(keras.layers.Layer):
         return preprocess(x)
 
 
+def smoothed_cross_entropy(smoothing, num_classes):
+    """Return a Keras loss: cross-entropy of logits against integer labels smoothed by `smoothing`.
+
+    Targets become (1 - smoothing) * one-hot + smoothing / num_classes, which is what
+    PyTorch's cross_entropy(label_smoothing=smoothing) computes. Keras 3's
+    SparseCategoricalCrossentropy has no label_smoothing argument, hence the one-hot step.
+    """
+
+    def loss(labels, logits):
+        targets = tf.one_hot(tf.reshape(tf.cast(labels, tf.int32), [-1]), num_classes)
+        return keras.losses.categorical_crossentropy(
+            targets, tf.cast(logits, tf.float32), from_logits=True, label_smoothing=smoothing)
+
+    return loss
+
+
 def make_optimizer(total_steps, recipe):
     """Return Adam whose learning rate follows the recipe's schedule, one table entry per step.
 
@@ -309,7 +327,7 @@ class RunRecorder(keras.callbacks.Callback):
         now = time.perf_counter()
         train_seconds = progress.train_seconds or (now - progress.started)
         row = training.epoch_row(
-            epoch + 1, logs["loss"], logs["accuracy"], logs["val_loss"], logs["val_accuracy"],
+            epoch + 1, logs["loss"], logs["accuracy"], logs["val_cross_entropy"], logs["val_accuracy"],
             self._last_learning_rate(), progress.train_size, now - progress.started,
             train_seconds,
         )

@@ -134,7 +134,7 @@ def _run_epoch(epoch, net, optimizer, scheduler, scaler, autocast_dtype, recipe,
         with torch.autocast(train_images.device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             logits = net(preprocess(images))
-            loss = F.cross_entropy(logits, labels)
+            loss = training_loss(logits, labels, recipe)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; the epoch line reports the last
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -152,6 +152,11 @@ def _run_epoch(epoch, net, optimizer, scheduler, scaler, autocast_dtype, recipe,
         epoch, loss_sum.item() / count, correct.item() / count, val_loss, val_accuracy,
         lr, count, time.perf_counter() - started, train_seconds,
     )
+
+
+def training_loss(logits, labels, recipe):
+    """Return the mean cross-entropy of `logits` against integer `labels` smoothed by the recipe."""
+    return F.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
 
 
 def make_optimizer(parameters, total_steps, recipe):

@@ -157,8 +157,12 @@ def write_history(run_dir, history):
     write_text(Path(run_dir) / HISTORY_NAME, buffer.getvalue())
 
 
-def write_curves(run_dir, history, title, best_epoch):
-    """Plot loss and accuracy per epoch, train vs validation, to curves.png (fixed axes for comparison)."""
+def write_curves(run_dir, history, title, best_epoch, label_smoothing=0.0):
+    """Plot loss and accuracy per epoch, train vs validation, to curves.png (fixed axes for comparison).
+
+    With label smoothing the train loss is measured against the smoothed targets, so it
+    stays above the validation loss, and the legend marks it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +172,10 @@ def write_curves(run_dir, history, title, best_epoch):
     epochs = [row["epoch"] for row in history]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
     for axis, key, label in ((loss_axis, "loss", "cross-entropy loss"), (accuracy_axis, "accuracy", "accuracy")):
-        axis.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
+        train_label = "train"
+        if key == "loss" and label_smoothing:
+            train_label = f"train (label smoothing {label_smoothing:g})"
+        axis.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label=train_label)
         axis.plot(epochs, [row[f"val_{key}"] for row in history], "s-", label="validation")
         axis.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
         axis.set_xlim(0.5, max(epochs) + 0.5)
@@ -262,7 +269,7 @@ def finish_run(run_dir, state, metrics, title):
     """Write history.csv, metrics.json and curves.png, then mark the run finished in last.json."""
     write_history(run_dir, state.history)
     write_json(Path(run_dir) / METRICS_NAME, metrics)
-    write_curves(run_dir, state.history, title, state.best_epoch)
+    write_curves(run_dir, state.history, title, state.best_epoch, state.recipe.get("label_smoothing", 0.0))
     state.finished = True
     write_state(run_dir, state)
     logger.info(

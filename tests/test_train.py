@@ -234,6 +234,7 @@ def test_train_help_shows_recipe_defaults():
     assert "Images per optimizer step. [default: 64;" in text
     assert "[default: cnn-3block]" in text
     assert "[default: crop-flip]" in text
+    assert "--label-smoothing" in text
 
 
 AUGMENT_SCRIPT = """
@@ -354,3 +355,46 @@ def test_optimizer_follows_step_schedule(framework):
     frozen = _adam_reference(gradients, [learning_rates[0]] * total)
     assert np.abs(late - expected).max() > 100 * deviation
     assert np.abs(frozen - expected).max() > 100 * deviation
+
+
+LOSS_SCRIPT = """
+import json, sys
+import numpy as np
+from pipeline.recipe import Recipe
+
+framework = sys.argv[1]
+rng = np.random.default_rng(0)
+logits = (rng.normal(size=(32, 10)) * 3).astype(np.float32)
+labels = rng.integers(0, 10, 32)
+losses = {}
+for smoothing in (0.0, 0.1, 0.3):
+    if framework == "torch":
+        from pipeline.torch_train import torch, training_loss
+        loss = training_loss(torch.from_numpy(logits), torch.from_numpy(labels), Recipe(label_smoothing=smoothing))
+    else:
+        from pipeline.keras_train import keras, smoothed_cross_entropy
+        loss = keras.ops.mean(smoothed_cross_entropy(smoothing, 10)(labels, logits))
+    losses[str(smoothing)] = float(loss)
+print(json.dumps({"logits": logits.tolist(), "labels": labels.tolist(), "losses": losses}))
+"""
+
+
+def _smoothed_cross_entropy(logits, labels, smoothing):
+    """Return the mean cross-entropy against (1 - smoothing) * one-hot + smoothing / classes, in numpy."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    targets = np.full(logits.shape, smoothing / logits.shape[1])
+    targets[np.arange(len(labels)), labels] += 1 - smoothing
+    return float(-(targets * log_probabilities).sum(axis=1).mean())
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_training_loss_smooths_labels(framework):
+    run = _script_result(LOSS_SCRIPT, framework)
+    logits = np.array(run["logits"])
+    labels = np.array(run["labels"])
+    for smoothing, loss in run["losses"].items():
+        expected = _smoothed_cross_entropy(logits, labels, float(smoothing))
+        assert loss == pytest.approx(expected, rel=1e-5), smoothing
+    # The check can tell: the default smoothing and none differ by far more than the tolerance.
+    assert abs(run["losses"]["0.1"] - run["losses"]["0.0"]) > 1e-2
