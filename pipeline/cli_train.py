@@ -10,12 +10,13 @@ import click
 
 from pipeline.architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE
 from pipeline.frameworks import FRAMEWORKS, require_framework
-from pipeline.recipe import AUGMENTATIONS, SCHEDULES, Recipe
+from pipeline.recipe import AUGMENTATIONS, CROP_FILLS, SCHEDULES, Recipe
 from pipeline.training import DEVICES
 
 _DEFAULTS = Recipe()
 # Recipe fields set by options; an option left at its default keeps a resumed run's saved value.
-_RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "schedule", "label_smoothing", "seed", "limit", "augment")
+_RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "schedule", "label_smoothing", "weight_decay", "seed", "limit",
+                   "augment", "crop_fill")
 
 
 @click.command()
@@ -33,8 +34,12 @@ _RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "schedule", "label_smoothing", 
 @click.option("--label-smoothing", type=click.FloatRange(min=0, max=1, max_open=True),
               default=_DEFAULTS.label_smoothing, show_default=True,
               help="Training targets become (1 - s) * one-hot + s / 10. Validation and test loss use plain labels.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=_DEFAULTS.weight_decay, show_default=True,
+              help="Decoupled weight decay: each step multiplies conv and dense kernels by 1 - lr * this.")
 @click.option("--augment", type=click.Choice(tuple(AUGMENTATIONS)), default=_DEFAULTS.augment,
               show_default=True, help="Training augmentation policy, applied batch-wise on the device.")
+@click.option("--crop-fill", type=click.Choice(CROP_FILLS), default=_DEFAULTS.crop_fill, show_default=True,
+              help="How the crop's padding is filled: mirror the image's edge, or black.")
 @click.option("--seed", type=click.IntRange(min=0), default=_DEFAULTS.seed, show_default=True,
               help="Seed of the validation split, --limit subset, initialisation and shuffling.")
 @click.option("--data", "source", default="cifar10", show_default=True,

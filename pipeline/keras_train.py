@@ -66,7 +66,7 @@ def train_model(dataset, architecture, recipe, out, device="auto", mixed_precisi
     )
     total_steps = recipe.epochs * steps_per_epoch(sizes["train"], recipe.batch_size)
     trainer.compile(
-        optimizer=make_optimizer(total_steps, recipe),
+        optimizer=make_optimizer(net.trainable_variables, total_steps, recipe),
         loss=smoothed_cross_entropy(recipe.label_smoothing, net.output_shape[-1]),
         # Validation loss is plain cross-entropy, as in the torch stage, because only training smooths labels.
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
@@ -169,10 +169,11 @@ class Augmentation(keras.layers.Layer):
         return keras.random.uniform(shape, low, high, seed=self.seed_generator)
 
     def _random_crop(self, x):
-        """Pad with black, then cut a random 32x32 window per image."""
+        """Pad by the recipe's crop_fill, then cut a random 32x32 window per image."""
         n, height, width = tf.shape(x)[0], x.shape[1], x.shape[2]
         pad = self.recipe.crop_padding
-        padded = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+        mode = {"reflect": "REFLECT", "black": "CONSTANT"}[self.recipe.crop_fill]
+        padded = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode=mode)
         top = tf.cast(tf.floor(self._uniform((n, 1), 0.0, 2 * pad + 1)), tf.int32)
         left = tf.cast(tf.floor(self._uniform((n, 1), 0.0, 2 * pad + 1)), tf.int32)
         top = tf.minimum(top, 2 * pad)  # uniform's upper bound is open; guard the float edge anyway
@@ -241,14 +242,18 @@ def smoothed_cross_entropy(smoothing, num_classes):
     return loss
 
 
-def make_optimizer(total_steps, recipe):
+def make_optimizer(variables, total_steps, recipe):
     """Return Adam whose learning rate follows the recipe's schedule, one table entry per step.
 
     The rate is looked up from the step counter inside the compiled train step, so no
-    callback runs Python between batches to set it.
+    callback runs Python between batches to set it. Of `variables`, only conv and dense
+    kernels (more than one dimension) get the recipe's decoupled weight decay.
     """
-    return keras.optimizers.Adam(learning_rate=StepTable(learning_rate_table(total_steps, recipe)),
-                                 beta_1=ADAM_BETA1, beta_2=ADAM_BETA2, epsilon=ADAM_EPSILON)
+    optimizer = keras.optimizers.Adam(learning_rate=StepTable(learning_rate_table(total_steps, recipe)),
+                                      beta_1=ADAM_BETA1, beta_2=ADAM_BETA2, epsilon=ADAM_EPSILON,
+                                      weight_decay=recipe.weight_decay or None)
+    optimizer.exclude_from_weight_decay(var_list=[v for v in variables if len(v.shape) <= 1])
+    return optimizer
 
 
 class StepTable(keras.optimizers.schedules.LearningRateSchedule):

@@ -160,8 +160,18 @@ def training_loss(logits, labels, recipe):
 
 
 def make_optimizer(parameters, total_steps, recipe):
-    """Return (Adam, a LambdaLR that sets each step's learning rate from the recipe's schedule)."""
-    optimizer = torch.optim.Adam(parameters, lr=recipe.lr, betas=(ADAM_BETA1, ADAM_BETA2), eps=ADAM_EPSILON)
+    """Return (Adam, a LambdaLR that sets each step's learning rate from the recipe's schedule).
+
+    Conv and dense kernels (the parameters with more than one dimension) get the recipe's
+    decoupled weight decay; biases and BatchNorm parameters get none.
+    """
+    parameters = list(parameters)
+    groups = [
+        {"params": [p for p in parameters if p.ndim > 1], "weight_decay": recipe.weight_decay},
+        {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.Adam(groups, lr=recipe.lr, betas=(ADAM_BETA1, ADAM_BETA2), eps=ADAM_EPSILON,
+                                 decoupled_weight_decay=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_at(step, total_steps, recipe) / recipe.lr
     )
@@ -195,10 +205,12 @@ def augment(images, recipe):
 
 
 def _random_crop(x, recipe):
-    """Pad with black, then cut a random 32x32 window per image (NHWC)."""
+    """Pad by the recipe's crop_fill, then cut a random 32x32 window per image (NHWC)."""
     n, height, width, _ = x.shape
     pad = recipe.crop_padding
-    padded = F.pad(x, (0, 0, pad, pad, pad, pad))  # pads C by 0, W by pad, H by pad
+    # F.pad's reflect mode pads the last dimensions, so pad H and W of an NCHW view.
+    nchw = x.permute(0, 3, 1, 2)
+    padded = F.pad(nchw, (pad, pad, pad, pad), mode=_PAD_MODES[recipe.crop_fill]).permute(0, 2, 3, 1)
     top = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
     left = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
     rows = (top + torch.arange(height, device=x.device))[:, :, None]  # [N, H, 1]
@@ -241,6 +253,7 @@ def _random_jitter(x, recipe):
     return ((x - grey) * contrast + grey).clamp(0, 255)
 
 
+_PAD_MODES = {"reflect": "reflect", "black": "constant"}  # crop_fill -> F.pad mode
 _TRANSFORMS = {"crop": _random_crop, "flip": _random_flip, "affine": _random_affine, "jitter": _random_jitter}
 
 

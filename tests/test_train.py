@@ -259,14 +259,18 @@ def is_window(image, padded):
 def is_image_or_mirror(image, original):
     return np.allclose(image, original, atol=0.01) or np.allclose(image, original[:, ::-1], atol=0.01)
 
-padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+reflected = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)), mode="reflect")
+black = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
 cropped = run(Recipe())
+black_cropped = run(Recipe(crop_fill="black"))
 still = Recipe(augment="flip-affine", rotation=0.0, zoom=0.0, translation=0.0)
 unjittered = Recipe(augment="crop-flip-jitter", crop_padding=0, brightness=0.0, contrast=0.0)
 print(json.dumps({
     "dtype": str(cropped.dtype),
     "shape": list(cropped.shape),
-    "windows": all(is_window(cropped[i], padded[i]) for i in range(16)),
+    "windows": all(is_window(cropped[i], reflected[i]) for i in range(16)),
+    "black_windows": all(is_window(black_cropped[i], black[i]) for i in range(16)),
+    "fills_differ": not all(is_window(cropped[i], black[i]) for i in range(16)),
     "moved": sum(not np.array_equal(cropped[i], images[i]) for i in range(16)),
     "affine_identity": all(is_image_or_mirror(out, image) for out, image in zip(run(still), images)),
     "jitter_identity": all(is_image_or_mirror(out, image) for out, image in zip(run(unjittered), images)),
@@ -288,7 +292,9 @@ def test_augmentation_policies(framework):
     checks = _script_result(AUGMENT_SCRIPT, framework)
     assert checks["dtype"] == "float32"
     assert checks["shape"] == [16, 32, 32, 3]
-    assert checks["windows"]  # every crop-flip output is a 32x32 window of the padded image, maybe mirrored
+    assert checks["windows"]  # every crop-flip output is a 32x32 window of the reflect-padded image, maybe mirrored
+    assert checks["black_windows"]  # the same with crop_fill="black" and a zero-padded image
+    assert checks["fills_differ"]  # some default crop shows mirrored pixels, not black ones
     assert checks["moved"] >= 8  # offsets are random: most of 16 images move or flip
     assert checks["affine_identity"]  # zero rotation, zoom and shift leave the image (or its mirror)
     assert checks["jitter_identity"]  # zero brightness and contrast change nothing
@@ -302,36 +308,45 @@ from pipeline.recipe import Recipe
 
 framework, total = sys.argv[1], 40
 recipe = Recipe()
-gradients = np.random.default_rng(0).normal(size=(total, 6)).astype(np.float32)
+gradients = np.random.default_rng(0).normal(size=(total, 12)).astype(np.float32)
 values = []
 if framework == "torch":
     from pipeline.torch_train import make_optimizer, torch
-    weight = torch.nn.Parameter(torch.zeros(6))
-    optimizer, scheduler = make_optimizer([weight], total, recipe)
+    kernel = torch.nn.Parameter(torch.ones(2, 3))
+    bias = torch.nn.Parameter(torch.ones(6))
+    optimizer, scheduler = make_optimizer([kernel, bias], total, recipe)
     for gradient in gradients:
-        weight.grad = torch.from_numpy(gradient)
+        kernel.grad = torch.from_numpy(gradient[:6].reshape(2, 3))
+        bias.grad = torch.from_numpy(gradient[6:])
         optimizer.step()
         scheduler.step()
-        values.append(weight.detach().numpy().tolist())
+        values.append(kernel.detach().numpy().ravel().tolist() + bias.detach().numpy().tolist())
 else:
     from pipeline.keras_train import keras, make_optimizer, tf
-    weight = keras.Variable(np.zeros(6, np.float32))
-    optimizer = make_optimizer(total, recipe)
-    step = tf.function(lambda gradient: optimizer.apply_gradients([(gradient, weight)]))  # traced once
+    kernel = keras.Variable(np.ones((2, 3), np.float32))
+    bias = keras.Variable(np.ones(6, np.float32))
+    optimizer = make_optimizer([kernel, bias], total, recipe)
+    step = tf.function(lambda gradient: optimizer.apply_gradients(
+        [(tf.reshape(gradient[:6], (2, 3)), kernel), (gradient[6:], bias)]))  # traced once
     for gradient in gradients:
         step(tf.constant(gradient))
-        values.append(weight.numpy().tolist())
+        values.append(kernel.numpy().ravel().tolist() + bias.numpy().tolist())
 print(json.dumps({"gradients": gradients.tolist(), "weights": values}))
 """
 
 
-def _adam_reference(gradients, learning_rates, beta1=0.9, beta2=0.999):
-    """Return the weights after each step of Adam written out in numpy, given each step's learning rate."""
-    weight = np.zeros(gradients.shape[1])
+def _adam_reference(gradients, learning_rates, decay, beta1=0.9, beta2=0.999):
+    """Return the weights after each step of Adam with decoupled weight decay, written out in numpy.
+
+    All weights start at 1. `decay` gives each weight's decay rate: before each step the
+    weight is multiplied by 1 - lr * decay, then Adam's update is applied.
+    """
+    weight = np.ones(gradients.shape[1])
     first = np.zeros_like(weight)
     second = np.zeros_like(weight)
     weights = []
     for step, (gradient, lr) in enumerate(zip(gradients, learning_rates), start=1):
+        weight = weight * (1 - lr * decay)
         first = beta1 * first + (1 - beta1) * gradient
         second = beta2 * second + (1 - beta2) * gradient**2
         weight = weight - lr * (first / (1 - beta1**step)) / np.sqrt(second / (1 - beta2**step))
@@ -346,15 +361,19 @@ def test_optimizer_follows_step_schedule(framework):
     total = len(gradients)
     recipe = Recipe()
     learning_rates = [learning_rate_at(step, total, recipe) for step in range(total)]
-    expected = _adam_reference(gradients, learning_rates)
+    decay = np.array([recipe.weight_decay] * 6 + [0.0] * 6)  # the 2x3 kernel decays, the bias does not
+    expected = _adam_reference(gradients, learning_rates, decay)
     weights = np.array(run["weights"])
     np.testing.assert_allclose(weights, expected, rtol=1e-4, atol=1e-6)
-    # The check can tell: the schedule one step late, or a rate frozen at its first value, ends elsewhere.
+    # The check can tell: the schedule one step late, a rate frozen at its first value,
+    # no decay, or decay on the bias too, each end elsewhere.
     deviation = np.abs(weights - expected).max()
-    late = _adam_reference(gradients, [learning_rates[0], *learning_rates[:-1]])
-    frozen = _adam_reference(gradients, [learning_rates[0]] * total)
-    assert np.abs(late - expected).max() > 100 * deviation
-    assert np.abs(frozen - expected).max() > 100 * deviation
+    late = _adam_reference(gradients, [learning_rates[0], *learning_rates[:-1]], decay)
+    frozen = _adam_reference(gradients, [learning_rates[0]] * total, decay)
+    undecayed = _adam_reference(gradients, learning_rates, 0.0)
+    all_decayed = _adam_reference(gradients, learning_rates, recipe.weight_decay)
+    for wrong in (late, frozen, undecayed, all_decayed):
+        assert np.abs(wrong - expected).max() > 100 * deviation
 
 
 LOSS_SCRIPT = """
