@@ -39,7 +39,7 @@ _RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "schedule", "label_smoothing", 
 @click.option("--augment", type=click.Choice(tuple(AUGMENTATIONS)), default=_DEFAULTS.augment,
               show_default=True, help="Training augmentation policy, applied batch-wise on the device.")
 @click.option("--crop-fill", type=click.Choice(CROP_FILLS), default=_DEFAULTS.crop_fill, show_default=True,
-              help="How the crop's padding is filled: mirror the image's edge, or black.")
+              help="Fill of the crop's padding: the image's edge mirrored, or black.")
 @click.option("--seed", type=click.IntRange(min=0), default=_DEFAULTS.seed, show_default=True,
               help="Seed of the validation split, --limit subset, initialisation and shuffling.")
 @click.option("--data", "source", default="cifar10", show_default=True,

@@ -37,7 +37,7 @@ AUGMENTATIONS = {
     "none": (),
 }
 DEFAULT_AUGMENT = "crop-flip"
-# How the crop's padding is filled: "reflect" mirrors the image about its edge rows and
+# The fill of the crop's padding: "reflect" mirrors the image about its edge rows and
 # columns (the edge itself not repeated, as numpy's, PyTorch's and TensorFlow's "reflect").
 # "black" pads with 0 pixels, which a crop then shows as a black bar no test image has.
 CROP_FILLS = ("reflect", "black")

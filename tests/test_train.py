@@ -235,6 +235,8 @@ def test_train_help_shows_recipe_defaults():
     assert "[default: cnn-3block]" in text
     assert "[default: crop-flip]" in text
     assert "--label-smoothing" in text
+    assert "[default: 0.02; x>=0]" in text  # --weight-decay
+    assert "[default: reflect]" in text  # --crop-fill
 
 
 AUGMENT_SCRIPT = """
