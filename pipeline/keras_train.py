@@ -145,6 +145,9 @@ def _batches(images, labels, batch_size, shuffle_seed=None):
     return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+_PAD_MODES = {"reflect": "REFLECT", "black": "CONSTANT"}  # crop_fill -> tf.pad mode
+
+
 class Augmentation(keras.layers.Layer):
     """Augment uint8 [N, 32, 32, 3] (NHWC) batches while training; return float32 NHWC on 0-255.
 
@@ -172,8 +175,7 @@ class Augmentation(keras.layers.Layer):
         """Pad by the recipe's crop_fill, then cut a random 32x32 window per image."""
         n, height, width = tf.shape(x)[0], x.shape[1], x.shape[2]
         pad = self.recipe.crop_padding
-        mode = {"reflect": "REFLECT", "black": "CONSTANT"}[self.recipe.crop_fill]
-        padded = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode=mode)
+        padded = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode=_PAD_MODES[self.recipe.crop_fill])
         top = tf.cast(tf.floor(self._uniform((n, 1), 0.0, 2 * pad + 1)), tf.int32)
         left = tf.cast(tf.floor(self._uniform((n, 1), 0.0, 2 * pad + 1)), tf.int32)
         top = tf.minimum(top, 2 * pad)  # uniform's upper bound is open; guard the float edge anyway

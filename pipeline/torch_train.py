@@ -163,7 +163,7 @@ def make_optimizer(parameters, total_steps, recipe):
     """Return (Adam, a LambdaLR that sets each step's learning rate from the recipe's schedule).
 
     Conv and dense kernels (the parameters with more than one dimension) get the recipe's
-    decoupled weight decay; biases and BatchNorm parameters get none.
+    decoupled weight decay. Biases and BatchNorm parameters get none.
     """
     parameters = list(parameters)
     groups = [
